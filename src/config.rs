@@ -1,0 +1,491 @@
+//! duet's settings: built-in defaults, then a TOML file, then the environment (`.env`
+//! included), then the command line, each overriding the one before, validated once into
+//! [`Config`]. Unknown keys and impossible values stop start-up with a message naming them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// Every setting duet has. `config/default.toml` documents each one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub student: StudentConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to bind; loopback by default so nothing outside this machine can connect.
+    pub host: String,
+    pub port: u16,
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// HTTP worker threads (0: one per CPU core). Generation never runs on them.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudentConfig {
+    /// A GGUF file path, or a Hugging Face `owner/repo/file.gguf` fetched on first use.
+    pub model: String,
+    /// The model id clients send and `/v1/models` lists ("" = the file name without `.gguf`).
+    pub name: String,
+    /// Generated tokens when a request sets no `max_tokens`.
+    pub max_new_tokens: usize,
+    /// Longest sequence (prompt + completion) accepted; capped by what the model was trained for.
+    pub context_length: usize,
+    /// Requests that may wait for the model; more are answered 503 with Retry-After.
+    pub queue_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 4 * 1024 * 1024,
+            workers: 0,
+        }
+    }
+}
+
+impl Default for StudentConfig {
+    fn default() -> Self {
+        Self {
+            model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            name: String::new(),
+            max_new_tokens: 512,
+            context_length: 4096,
+            queue_size: 64,
+        }
+    }
+}
+
+/// A start-up error about configuration; always names the key or variable at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The Python app's environment variables and what duet makes of them.
+fn legacy_variable(name: &str, value: &str) -> Result<Option<(&'static str, String)>, ConfigError> {
+    let on = |v: &str| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    };
+    Ok(match name {
+        "STUDENT_BASE_MODEL" => Some(("student.model", value.to_string())),
+        "STUDENT_MAX_NEW_TOKENS" => Some(("student.max_new_tokens", value.to_string())),
+        // duet runs the student on the CPU; both values are accepted.
+        "STUDENT_FORCE_CPU" => {
+            if !on(value) {
+                tracing::info!(
+                    "STUDENT_FORCE_CPU=0: duet has no GPU backend, the student runs on the CPU"
+                );
+            }
+            None
+        }
+        "STUDENT_LOAD_IN_4BIT" if on(value) => None, // GGUF weights stay quantized in memory
+        "STUDENT_LOAD_IN_4BIT" => {
+            return Err(ConfigError(
+                "STUDENT_LOAD_IN_4BIT=0 cannot be honoured: duet keeps weights in the GGUF file's own \
+                 format; for higher precision point student.model at a Q8_0 or F16 GGUF and unset it"
+                    .into(),
+            ));
+        }
+        "ENABLE_HYBRID" if on(value) => {
+            tracing::warn!(
+                "ENABLE_HYBRID=1: no teacher is configured in this version, so the student answers everything"
+            );
+            None
+        }
+        "ENABLE_HYBRID" => {
+            return Err(ConfigError(
+                "ENABLE_HYBRID=0 asks for teacher-only mode, which this version of duet cannot forward to yet; unset it".into(),
+            ));
+        }
+        "FORCE_STUDENT_STUB" if !on(value) => None,
+        "FORCE_STUDENT_STUB" => {
+            return Err(ConfigError(
+                "FORCE_STUDENT_STUB=1 is refused: duet has no stub mode, every answer comes from the real model".into(),
+            ));
+        }
+        "STUDENT_LORA_DIR" if value.trim().is_empty() => None,
+        "STUDENT_LORA_DIR" => {
+            return Err(ConfigError(
+                "STUDENT_LORA_DIR is refused: duet does not apply LoRA adapters at run time; merge the adapter \
+                 into the model and convert it to GGUF"
+                    .into(),
+            ));
+        }
+        _ => None,
+    })
+}
+
+/// Builds the configuration from its four layers.
+/// `env` is the process environment (after `.env` was read); `cli` holds dotted keys.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    cli: &[(&str, String)],
+) -> Result<Config, ConfigError> {
+    let defaults = Table::try_from(Config::default()).expect("defaults serialize");
+    let mut merged = defaults.clone();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        let table: Table =
+            toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        merge(&mut merged, table, &defaults, "")?;
+    }
+    let mut legacy = Vec::new();
+    let mut duet = Vec::new();
+    for (name, value) in env {
+        if let Some(rest) = name.strip_prefix("DUET_") {
+            if rest != "CONFIG" {
+                duet.push((
+                    name.clone(),
+                    env_key(rest, &defaults).ok_or_else(|| {
+                        ConfigError(format!("unknown setting in environment variable {name}"))
+                    })?,
+                    value,
+                ));
+            }
+        } else if let Some((key, value)) = legacy_variable(&name, &value)? {
+            legacy.push((name, key.to_string(), value));
+        }
+    }
+    // Legacy names first so that a DUET_ variable for the same setting wins.
+    for (var, key, value) in legacy.into_iter().chain(duet) {
+        set(&mut merged, &defaults, &key, &value, &var)?;
+    }
+    for (key, value) in cli {
+        set(
+            &mut merged,
+            &defaults,
+            key,
+            value,
+            &format!("--{}", key.rsplit('.').next().unwrap_or(key)),
+        )?;
+    }
+    let config: Config = Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError(e.message().to_string()))?;
+    config.validate()?;
+    Ok(config)
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
+        if self.server.host.trim().is_empty() {
+            return bad("server.host", "must not be empty".into());
+        }
+        if self.server.max_body_bytes < 1024 {
+            return bad(
+                "server.max_body_bytes",
+                format!(
+                    "{} is too small to hold a chat request (minimum 1024)",
+                    self.server.max_body_bytes
+                ),
+            );
+        }
+        if self.student.max_new_tokens == 0 {
+            return bad("student.max_new_tokens", "must be at least 1".into());
+        }
+        if self.student.context_length < 16 {
+            return bad(
+                "student.context_length",
+                format!("{} is too small (minimum 16)", self.student.context_length),
+            );
+        }
+        if self.student.queue_size == 0 {
+            return bad("student.queue_size", "must be at least 1".into());
+        }
+        if self.student.max_new_tokens >= self.student.context_length {
+            return bad(
+                "student.max_new_tokens",
+                format!(
+                    "{} leaves no room for a prompt in student.context_length {}",
+                    self.student.max_new_tokens, self.student.context_length
+                ),
+            );
+        }
+        let model = &self.student.model;
+        if !Path::new(model).exists() && crate::student::source::hub_reference(model).is_none() {
+            return bad(
+                "student.model",
+                format!(
+                    "`{model}` is neither a file nor a Hugging Face owner/repo/file.gguf (scripts/fetch-models.sh fetches the default models)"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The model id clients use for the student.
+    pub fn student_name(&self) -> String {
+        if !self.student.name.is_empty() {
+            return self.student.name.clone();
+        }
+        let file = self
+            .student
+            .model
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.student.model);
+        file.strip_suffix(".gguf").unwrap_or(file).to_string()
+    }
+
+    /// The config file named by `DUET_CONFIG`, when the command line names none.
+    pub fn file_from_env() -> Option<PathBuf> {
+        std::env::var_os("DUET_CONFIG").map(PathBuf::from)
+    }
+}
+
+/// `SERVER_MAX_BODY_BYTES` -> `server.max_body_bytes`, when such a setting exists.
+fn env_key(rest: &str, defaults: &Table) -> Option<String> {
+    let lower = rest.to_ascii_lowercase();
+    if let Some((section, key)) = lower.split_once('_')
+        && defaults
+            .get(section)
+            .and_then(|s| s.as_table())
+            .is_some_and(|t| t.contains_key(key))
+    {
+        return Some(format!("{section}.{key}"));
+    }
+    defaults
+        .get(&lower)
+        .filter(|v| !v.is_table())
+        .map(|_| lower)
+}
+
+/// Sets a dotted key from a string, typed after the default value of that key.
+fn set(
+    table: &mut Table,
+    defaults: &Table,
+    key: &str,
+    raw: &str,
+    source: &str,
+) -> Result<(), ConfigError> {
+    let (section, name) = key.split_once('.').unwrap_or(("", key));
+    let default = if section.is_empty() {
+        defaults.get(name)
+    } else {
+        defaults.get(section).and_then(|s| s.get(name))
+    };
+    let default =
+        default.ok_or_else(|| ConfigError(format!("{source}: unknown setting `{key}`")))?;
+    let value = match default {
+        Value::String(_) => Value::String(raw.to_string()),
+        Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| {
+            ConfigError(format!(
+                "{source}: `{key}` must be a whole number, not `{raw}`"
+            ))
+        })?),
+        Value::Boolean(_) => Value::Boolean(match raw.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            _ => {
+                return Err(ConfigError(format!(
+                    "{source}: `{key}` must be true or false, not `{raw}`"
+                )));
+            }
+        }),
+        Value::Float(_) => Value::Float(raw.trim().parse().map_err(|_| {
+            ConfigError(format!("{source}: `{key}` must be a number, not `{raw}`"))
+        })?),
+        _ => {
+            return Err(ConfigError(format!(
+                "{source}: `{key}` cannot be set from text"
+            )));
+        }
+    };
+    let target = if section.is_empty() {
+        table
+    } else {
+        table
+            .get_mut(section)
+            .and_then(Value::as_table_mut)
+            .expect("sections exist in defaults")
+    };
+    target.insert(name.to_string(), value);
+    Ok(())
+}
+
+/// Overlays `layer` on `base`, refusing keys the defaults do not have.
+fn merge(
+    base: &mut Table,
+    layer: Table,
+    defaults: &Table,
+    prefix: &str,
+) -> Result<(), ConfigError> {
+    for (key, value) in layer {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let Some(default) = defaults.get(&key) else {
+            return Err(ConfigError(format!("unknown setting `{path}`")));
+        };
+        match (value, default) {
+            (Value::Table(inner), Value::Table(default_inner)) => {
+                let slot = base
+                    .get_mut(&key)
+                    .and_then(Value::as_table_mut)
+                    .expect("sections exist in defaults");
+                merge(slot, inner, default_inner, &path)?;
+            }
+            (value, _) => {
+                base.insert(key, value);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn repo_file(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+
+    /// A model path that exists, so validation passes in every test.
+    fn existing_model() -> String {
+        repo_file("Cargo.toml").display().to_string()
+    }
+
+    #[test]
+    fn shipped_default_toml_matches_the_built_in_defaults() {
+        let text = std::fs::read_to_string(repo_file("config/default.toml")).unwrap();
+        let from_file: Config = toml::from_str(&text).unwrap();
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn command_line_beats_environment_beats_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("duet.toml");
+        std::fs::write(&file, format!("[server]\nport = 7000\nhost = \"127.0.0.2\"\n[student]\nmodel = {:?}\nmax_new_tokens = 10\n", existing_model())).unwrap();
+        let c = load(
+            Some(&file),
+            env(&[
+                ("DUET_SERVER_PORT", "9000"),
+                ("STUDENT_MAX_NEW_TOKENS", "20"),
+            ]),
+            &[("server.host", "0.0.0.0".into())],
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 9000);
+        assert_eq!(c.server.host, "0.0.0.0");
+        assert_eq!(c.student.max_new_tokens, 20);
+        let c = load(
+            Some(&file),
+            env(&[("DUET_SERVER_PORT", "9000")]),
+            &[("server.port", "9100".into())],
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 9100);
+    }
+
+    #[test]
+    fn duet_variables_win_over_the_python_apps_names() {
+        let c = load(
+            None,
+            env(&[
+                ("STUDENT_MAX_NEW_TOKENS", "20"),
+                ("DUET_STUDENT_MAX_NEW_TOKENS", "30"),
+                ("DUET_STUDENT_MODEL", &existing_model()),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.student.max_new_tokens, 30);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("duet.toml");
+        std::fs::write(&file, "[server]\nprot = 1\n").unwrap();
+        let err = load(Some(&file), env(&[]), &[]).unwrap_err().to_string();
+        assert!(err.contains("server.prot"), "{err}");
+        let err = load(None, env(&[("DUET_SERVER_PROT", "1")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DUET_SERVER_PROT"), "{err}");
+        let err = load(None, env(&[("DUET_SERVER_PORT", "eighty")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.port"), "{err}");
+        let err = load(
+            None,
+            env(&[
+                ("DUET_STUDENT_MODEL", &existing_model()),
+                ("DUET_STUDENT_CONTEXT_LENGTH", "4"),
+            ]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("student.context_length"), "{err}");
+        let err = load(None, env(&[("DUET_STUDENT_MODEL", "no/such.gguf")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("student.model"), "{err}");
+    }
+
+    #[test]
+    fn python_app_variables_are_honoured_or_refused_with_a_reason() {
+        let model = existing_model();
+        let c = load(
+            None,
+            env(&[
+                ("STUDENT_BASE_MODEL", &model),
+                ("STUDENT_FORCE_CPU", "1"),
+                ("STUDENT_LOAD_IN_4BIT", "1"),
+                ("FORCE_STUDENT_STUB", "0"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.student.model, model);
+        for (var, value) in [
+            ("STUDENT_LOAD_IN_4BIT", "0"),
+            ("FORCE_STUDENT_STUB", "1"),
+            ("STUDENT_LORA_DIR", "/adapters"),
+            ("ENABLE_HYBRID", "0"),
+        ] {
+            let err = load(
+                None,
+                env(&[(var, value), ("STUDENT_BASE_MODEL", &model)]),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_model_name_defaults_to_the_file_name() {
+        let mut c = Config::default();
+        assert_eq!(c.student_name(), "SmolLM2-135M-Instruct.Q4_1");
+        c.student.name = "smol".into();
+        assert_eq!(c.student_name(), "smol");
+    }
+}

@@ -1,0 +1,213 @@
+//! `POST /v1/chat/completions`: parse and validate the body, start a generation, and
+//! answer with one JSON body or a Server-Sent Events stream, as the client asked.
+
+use std::time::Duration;
+
+use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use actix_web::web::Bytes;
+use actix_web::{HttpResponse, web};
+use futures::stream;
+
+use super::{AppState, read_body, unix_now};
+use crate::backend::{ChatBackend, FinishReason, GenEvent, Generation, Usage};
+use crate::error::DuetError;
+use crate::openai::sse;
+use crate::openai::types::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+    ChunkChoice, Delta,
+};
+use crate::openai::validate::validate;
+
+/// A quiet stream gets a comment line this often so proxies and clients keep it open.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
+
+/// Names the backend that answered, on every response.
+const BACKEND_HEADER: (&str, &str) = ("x-duet-backend", "student");
+
+pub async fn completions(
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, DuetError> {
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let wire: ChatCompletionRequest =
+        serde_json::from_slice(&body).map_err(|e| DuetError::InvalidRequest {
+            message: format!("the request body is not a valid chat completion request: {e}"),
+            param: None,
+        })?;
+    let request = validate(wire)?;
+    if request.model != state.student_name {
+        return Err(DuetError::ModelNotFound(request.model));
+    }
+    let generation = state.student.generate(request.generation).await?;
+    let meta = CompletionMeta {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: unix_now(),
+        model: request.model,
+    };
+    if request.stream {
+        Ok(stream_response(generation, meta, request.include_usage))
+    } else {
+        whole_response(generation, meta).await
+    }
+}
+
+/// Fields shared by every chunk of one completion.
+struct CompletionMeta {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl CompletionMeta {
+    fn chunk(
+        &self,
+        delta: Delta<'_>,
+        finish_reason: Option<FinishReason>,
+        include_usage: bool,
+    ) -> Bytes {
+        sse::event(&ChatCompletionChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: None,
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason,
+                logprobs: None,
+            }],
+            usage: include_usage.then_some(None),
+        })
+    }
+
+    fn usage_chunk(&self, usage: Usage) -> Bytes {
+        sse::event(&ChatCompletionChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: None,
+            choices: vec![],
+            usage: Some(Some(usage)),
+        })
+    }
+}
+
+async fn whole_response(
+    mut generation: Generation,
+    meta: CompletionMeta,
+) -> Result<HttpResponse, DuetError> {
+    let mut content = String::new();
+    loop {
+        match generation.events.recv().await {
+            Some(GenEvent::Text(t)) => content.push_str(&t),
+            Some(GenEvent::Done {
+                finish_reason,
+                usage,
+            }) => {
+                return Ok(HttpResponse::Ok()
+                    .insert_header(BACKEND_HEADER)
+                    .json(ChatCompletion {
+                        id: meta.id,
+                        object: "chat.completion",
+                        created: meta.created,
+                        model: meta.model,
+                        system_fingerprint: None,
+                        choices: vec![Choice {
+                            index: 0,
+                            message: AssistantMessage {
+                                role: "assistant",
+                                content,
+                                refusal: None,
+                            },
+                            finish_reason,
+                            logprobs: None,
+                        }],
+                        usage,
+                    }));
+            }
+            Some(GenEvent::Error(e)) => return Err(e),
+            None => {
+                return Err(DuetError::Internal(
+                    "generation ended without finishing".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// Where a stream is: the role chunk first, then deltas, the finish chunk, the usage
+/// chunk when asked for, and `[DONE]`.
+enum Phase {
+    Role,
+    Deltas,
+    Usage(Usage),
+    Done,
+    End,
+}
+
+fn stream_response(
+    generation: Generation,
+    meta: CompletionMeta,
+    include_usage: bool,
+) -> HttpResponse {
+    let state = (generation, meta, Phase::Role);
+    // Dropping this stream (the client went away) drops the event receiver, which stops
+    // the generation at its next token.
+    let body = stream::unfold(state, move |(mut generation, meta, phase)| async move {
+        let (bytes, next) = match phase {
+            Phase::Role => {
+                let role = Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                };
+                (meta.chunk(role, None, include_usage), Phase::Deltas)
+            }
+            Phase::Deltas => {
+                match tokio::time::timeout(KEEP_ALIVE_EVERY, generation.events.recv()).await {
+                    Err(_) => (Bytes::from_static(sse::KEEP_ALIVE), Phase::Deltas),
+                    Ok(Some(GenEvent::Text(t))) => (
+                        meta.chunk(
+                            Delta {
+                                role: None,
+                                content: Some(&t),
+                            },
+                            None,
+                            include_usage,
+                        ),
+                        Phase::Deltas,
+                    ),
+                    Ok(Some(GenEvent::Done {
+                        finish_reason,
+                        usage,
+                    })) => {
+                        let next = if include_usage {
+                            Phase::Usage(usage)
+                        } else {
+                            Phase::Done
+                        };
+                        (
+                            meta.chunk(Delta::default(), Some(finish_reason), include_usage),
+                            next,
+                        )
+                    }
+                    Ok(Some(GenEvent::Error(e))) => (sse::event(&e.body()), Phase::Done),
+                    Ok(None) => {
+                        let e = DuetError::Internal("generation ended without finishing".into());
+                        (sse::event(&e.body()), Phase::Done)
+                    }
+                }
+            }
+            Phase::Usage(usage) => (meta.usage_chunk(usage), Phase::Done),
+            Phase::Done => (Bytes::from_static(sse::DONE), Phase::End),
+            Phase::End => return None,
+        };
+        Some((Ok::<_, actix_web::Error>(bytes), (generation, meta, next)))
+    });
+    HttpResponse::Ok()
+        .insert_header((CONTENT_TYPE, "text/event-stream"))
+        .insert_header((CACHE_CONTROL, "no-cache"))
+        .insert_header(BACKEND_HEADER)
+        .streaming(body)
+}

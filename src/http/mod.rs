@@ -1,0 +1,61 @@
+//! The HTTP edge: routes, shared state, and the OpenAI-shaped answers to requests that
+//! never reach a handler (unknown paths, wrong methods).
+
+pub mod chat;
+pub mod health;
+pub mod models;
+
+use std::sync::Arc;
+
+use actix_web::web::{self, ServiceConfig};
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
+use futures::StreamExt;
+
+use crate::error::DuetError;
+use crate::student::Student;
+
+/// What every handler shares; built once, outside `HttpServer::new`.
+pub struct AppState {
+    pub student: Arc<Student>,
+    /// The model id clients use for the student.
+    pub student_name: String,
+    /// When this server started (the `created` time of its model cards).
+    pub started_at: u64,
+    pub max_body_bytes: usize,
+}
+
+/// Mounts every endpoint.
+pub fn routes(cfg: &mut ServiceConfig) {
+    cfg.route("/health", web::get().to(health::health))
+        .route("/v1/models", web::get().to(models::list))
+        .route("/v1/models/{id:.*}", web::get().to(models::get))
+        .route("/v1/chat/completions", web::post().to(chat::completions))
+        .default_service(web::to(not_found));
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    DuetError::UnknownEndpoint(format!("{} {}", req.method(), req.path())).error_response()
+}
+
+/// Reads the whole body, refusing it with 413 as soon as it passes `limit`.
+pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes, DuetError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            DuetError::invalid("body", format!("could not read the request body: {e}"))
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(DuetError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Seconds since the Unix epoch, for `created` fields.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,115 @@
+//! The local student model: loaded lazily, exactly once, on its own engine thread, and
+//! served through the [`ChatBackend`] trait.
+
+pub mod detokenizer;
+pub mod engine;
+pub mod gguf;
+pub mod model;
+pub mod sampler;
+pub mod source;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+pub mod weights;
+
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::{ChatBackend, Generation, GenerationRequest};
+use crate::config::StudentConfig;
+use crate::error::DuetError;
+use engine::Job;
+
+/// Where the student's weights are, as `/health` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum LoadState {
+    /// Nothing loaded yet: the first chat request loads the model.
+    Unloaded,
+    Loading,
+    Ready {
+        load_seconds: f64,
+        weight_bytes: u64,
+        context_length: usize,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// Shared view of the engine's state, for `/health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StudentStatus {
+    pub model: String,
+    #[serde(flatten)]
+    pub state: LoadState,
+    /// How many times the weights were loaded since start.
+    pub loads: u32,
+}
+
+/// Handle to the engine thread; cheap to share between HTTP workers.
+pub struct Student {
+    jobs: SyncSender<Job>,
+    status: Arc<Mutex<StudentStatus>>,
+}
+
+/// Bounded so that a burst can only queue `queue_size` requests; each streamed event is
+/// tiny, and a full buffer just makes the engine wait for a slow reader.
+const EVENT_BUFFER: usize = 64;
+
+impl Student {
+    /// Starts the engine thread; no weights are read until the first request.
+    pub fn start(config: &StudentConfig, name: String) -> Self {
+        let status = Arc::new(Mutex::new(StudentStatus {
+            model: name,
+            state: LoadState::Unloaded,
+            loads: 0,
+        }));
+        let jobs = engine::spawn(config.clone(), status.clone());
+        Self { jobs, status }
+    }
+
+    pub fn status(&self) -> StudentStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+}
+
+impl ChatBackend for Student {
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxFuture<'static, Result<Generation, DuetError>> {
+        let (started_tx, started_rx) = oneshot::channel();
+        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        let job = Job {
+            request,
+            started: started_tx,
+            events: events_tx,
+        };
+        let queued = self.jobs.try_send(job);
+        Box::pin(async move {
+            match queued {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    return Err(DuetError::Overloaded(
+                        "the student's queue is full; retry shortly".into(),
+                    ));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(DuetError::Internal("the engine thread has stopped".into()));
+                }
+            }
+            let prompt_tokens = started_rx
+                .await
+                .map_err(|_| DuetError::Internal("the engine dropped the request".into()))??;
+            Ok(Generation {
+                prompt_tokens,
+                events: events_rx,
+            })
+        })
+    }
+}
