@@ -1,6 +1,7 @@
 //! Incremental detokenization: token bytes in, complete UTF-8 text out. A character whose
 //! bytes span several tokens (Chinese, emoji) is held back until its last byte arrives, so
-//! no delta ever carries a broken sequence.
+//! no delta ever carries a broken sequence. Bytes of a character that generation stopped
+//! in the middle of (a length cut inside an emoji) are not text and are never sent.
 
 /// Accumulates token bytes and releases the longest valid UTF-8 prefix.
 #[derive(Default)]
@@ -26,13 +27,6 @@ impl Detokenizer {
         };
         String::from_utf8(self.pending.drain(..valid).collect()).expect("checked above")
     }
-
-    /// Whatever is left at the end of generation (an unfinished character becomes U+FFFD).
-    pub fn finish(&mut self) -> String {
-        let rest = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        rest
-    }
 }
 
 #[cfg(test)]
@@ -53,14 +47,17 @@ mod tests {
         assert_eq!(out.concat(), text);
         assert_eq!(out[0], "用");
         assert!(out.contains(&"😀".to_string()));
-        assert_eq!(d.finish(), "");
+        assert!(d.pending.is_empty());
     }
 
     #[test]
     fn invalid_bytes_become_replacement_characters() {
         let mut d = Detokenizer::default();
         assert_eq!(d.push(&[b'a', 0xFF, b'b']), "a\u{FFFD}b");
-        assert_eq!(d.push(&[0xE4, 0xB8]), "");
-        assert_eq!(d.finish(), "\u{FFFD}");
+        assert_eq!(
+            d.push(&[0xE4, 0xB8]),
+            "",
+            "half a character waits for the rest"
+        );
     }
 }

@@ -126,7 +126,15 @@ fn run(config: StudentConfig, status: Arc<Mutex<StudentStatus>>, jobs: Receiver<
             loaded = load(&config, &status);
         }
         match &loaded {
-            Some(model) => serve(model, &config, job),
+            Some(model) => {
+                let outcome = serve(model, &config, job);
+                let mut status = status.lock().expect("status lock");
+                match outcome {
+                    Outcome::Completed => status.completed += 1,
+                    Outcome::Cancelled => status.cancelled += 1,
+                    Outcome::Failed => {}
+                }
+            }
             None => {
                 let reason = failed_reason(&status).unwrap_or_default();
                 let _ = job.started.send(Err(DuetError::ModelLoad(reason)));
@@ -173,45 +181,55 @@ fn load(config: &StudentConfig, status: &Mutex<StudentStatus>) -> Option<LoadedM
     }
 }
 
+/// How a job ended, for the counters in `/health`.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Completed,
+    /// The client went away; generation stopped at the next token.
+    Cancelled,
+    /// The request could not be served (refused or failed); the client was told why.
+    Failed,
+}
+
 /// Runs one job to its end: prefill, then sample/detokenize/stop-check per token.
-fn serve(m: &LoadedModel, config: &StudentConfig, job: Job) {
+fn serve(m: &LoadedModel, config: &StudentConfig, job: Job) -> Outcome {
     let Job {
         request,
         started,
         events,
     } = job;
-    let prepared = prepare(m, config, &request);
-    let (prompt, max_tokens) = match prepared {
+    let (prompt, max_tokens) = match prepare(m, config, &request) {
         Ok(p) => p,
         Err(e) => {
             let _ = started.send(Err(e));
-            return;
+            return Outcome::Failed;
         }
     };
     let mut cache = KvCache::new(m.model.shape.layers);
     let mut logits = Vec::new();
     for chunk in prompt.chunks(PREFILL_CHUNK) {
         if started.is_closed() {
-            return;
+            return Outcome::Cancelled;
         }
         match m.model.forward(chunk, &mut cache) {
             Ok(l) => logits = l,
             Err(e) => {
                 let _ = started.send(Err(DuetError::Internal(format!("prefill: {e}"))));
-                return;
+                return Outcome::Failed;
             }
         }
     }
     let prompt_tokens = prompt.len() as u32;
     if started.send(Ok(prompt_tokens)).is_err() {
-        return;
+        return Outcome::Cancelled;
     }
 
     let mut sampler = Sampler::new(request.sampling.clone());
     let mut detokenizer = Detokenizer::default();
     let mut stops = StopMatcher::new(request.stop.clone());
     let mut completion_tokens = 0u32;
-    let send = |event| events.blocking_send(event).is_ok();
+    // A failed send means the receiver is gone: the client disconnected.
+    let send = |text: String| text.is_empty() || events.blocking_send(GenEvent::Text(text)).is_ok();
     let mut matched_stop_sequence = false;
     let finish_reason = loop {
         let token = sampler.sample(&mut logits);
@@ -220,50 +238,48 @@ fn serve(m: &LoadedModel, config: &StudentConfig, job: Job) {
         }
         completion_tokens += 1;
         if !m.tokenizer.is_special(token) {
-            let text = detokenizer.push(m.tokenizer.bytes(token));
-            match stops.push(&text) {
-                StopScan::Emit(t) => {
-                    if !t.is_empty() && !send(GenEvent::Text(t)) {
-                        return; // client gone
-                    }
-                }
-                StopScan::Stopped(t) => {
-                    if !t.is_empty() && !send(GenEvent::Text(t)) {
-                        return;
-                    }
-                    matched_stop_sequence = true;
-                    break FinishReason::Stop;
-                }
+            let (text, stopped) = match stops.push(&detokenizer.push(m.tokenizer.bytes(token))) {
+                StopScan::Emit(t) => (t, false),
+                StopScan::Stopped(t) => (t, true),
+            };
+            if !send(text) {
+                return Outcome::Cancelled;
+            }
+            if stopped {
+                matched_stop_sequence = true;
+                break FinishReason::Stop;
             }
         }
         if completion_tokens as usize >= max_tokens {
             break FinishReason::Length;
         }
         if events.is_closed() {
-            return;
+            return Outcome::Cancelled;
         }
         match m.model.forward(&[token], &mut cache) {
             Ok(l) => logits = l,
             Err(e) => {
-                send(GenEvent::Error(DuetError::Internal(format!("decode: {e}"))));
-                return;
+                let _ = events
+                    .blocking_send(GenEvent::Error(DuetError::Internal(format!("decode: {e}"))));
+                return Outcome::Failed;
             }
         }
     };
     if !matched_stop_sequence {
         // Whatever was held back for a possible stop sequence is part of the answer.
-        let tail = stops.push(&detokenizer.finish());
-        let rest = match tail {
-            StopScan::Emit(t) | StopScan::Stopped(t) => t,
-        } + &stops.finish();
-        if !rest.is_empty() && !send(GenEvent::Text(rest)) {
-            return;
+        let rest = stops.finish();
+        if !send(rest) {
+            return Outcome::Cancelled;
         }
     }
-    send(GenEvent::Done {
+    let done = GenEvent::Done {
         finish_reason,
         usage: Usage::new(prompt_tokens, completion_tokens),
-    });
+    };
+    if events.blocking_send(done).is_err() {
+        return Outcome::Cancelled;
+    }
+    Outcome::Completed
 }
 
 /// The prompt's tokens and how many may be generated, or why the request cannot fit.

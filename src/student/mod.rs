@@ -49,6 +49,10 @@ pub struct StudentStatus {
     pub state: LoadState,
     /// How many times the weights were loaded since start.
     pub loads: u32,
+    /// Generations that ran to their end.
+    pub completed: u64,
+    /// Generations stopped early because their client went away.
+    pub cancelled: u64,
 }
 
 /// Handle to the engine thread; cheap to share between HTTP workers.
@@ -68,6 +72,8 @@ impl Student {
             model: name,
             state: LoadState::Unloaded,
             loads: 0,
+            completed: 0,
+            cancelled: 0,
         }));
         let jobs = engine::spawn(config.clone(), status.clone());
         Self { jobs, status }

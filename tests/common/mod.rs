@@ -1,0 +1,68 @@
+//! Shared test helpers: the real model files and duet servers on 127.0.0.1 port 0.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use duet::config::Config;
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+/// A model fetched by scripts/fetch-models.sh; a clear failure when it is missing.
+pub fn model_path(file: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh first",
+        path.display()
+    );
+    path
+}
+
+/// Settings for a test server on an ephemeral loopback port.
+pub fn config_for(model_file: &str) -> Config {
+    let mut config = Config::default();
+    config.server.port = 0;
+    config.server.workers = 2;
+    config.student.model = model_path(model_file).display().to_string();
+    config
+}
+
+/// Starts duet on its own thread and runtime (it outlives any one test) and returns its
+/// base URL, e.g. `http://127.0.0.1:43121`.
+pub fn spawn(config: Config) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let running = duet::start(&config).expect("bind a loopback port");
+            tx.send(running.addr).expect("report the address");
+            running.server.await.expect("server runs");
+        })
+    });
+    format!("http://{}", rx.recv().expect("server started"))
+}
+
+/// One SmolLM2 server shared by the tests of a binary.
+pub fn smollm2() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| spawn(config_for(SMOLLM2)))
+}
+
+/// The official-SDK-style client pointed at a duet base URL.
+pub fn client(base: &str) -> Client<OpenAIConfig> {
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{base}/v1"))
+            .with_api_key("not-needed"),
+    )
+}
+
+/// The model id duet gives a GGUF file: its name without `.gguf`.
+pub fn model_id(file: &str) -> String {
+    file.trim_end_matches(".gguf").to_string()
+}
