@@ -6,6 +6,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod memory;
 pub mod openai;
 pub mod student;
 
@@ -27,6 +28,7 @@ pub struct Running {
 
 /// Binds the listener and builds the app; no model weights are read here.
 pub fn start(config: &Config) -> std::io::Result<Running> {
+    memory::configure_allocator();
     let state = web::Data::new(AppState {
         student: Arc::new(Student::start(&config.student, config.student_name())),
         student_name: config.student_name(),

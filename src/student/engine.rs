@@ -56,7 +56,7 @@ impl LoadedModel {
         // The parsed vocabulary and merges are hundreds of thousands of small strings the
         // tokenizer now holds its own copy of: free them before the weights arrive.
         header.drop_tokenizer_metadata();
-        release_free_memory();
+        crate::memory::release_free_memory();
         let template_source = match gguf::string(header.metadata(), "tokenizer.chat_template") {
             Ok(t) => t,
             Err(_) => {
@@ -154,7 +154,7 @@ fn load(config: &StudentConfig, status: &Mutex<StudentStatus>) -> Option<LoadedM
     status.lock().expect("status lock").state = LoadState::Loading;
     let started = Instant::now();
     let result = LoadedModel::load(config);
-    release_free_memory();
+    crate::memory::release_free_memory();
     let mut status = status.lock().expect("status lock");
     match result {
         Ok(model) => {
@@ -166,6 +166,7 @@ fn load(config: &StudentConfig, status: &Mutex<StudentStatus>) -> Option<LoadedM
                 load_seconds,
                 weight_bytes,
                 context_length: model.model.context(),
+                kv_bytes_per_token: model.model.shape.kv_bytes_per_token(),
             };
             Some(model)
         }
@@ -310,13 +311,4 @@ fn prepare(
         None => config.max_new_tokens.min(room),
     };
     Ok((prompt, max_tokens))
-}
-
-/// Returns freed heap pages to the operating system (glibc keeps them otherwise).
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }

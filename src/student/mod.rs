@@ -33,8 +33,11 @@ pub enum LoadState {
     Loading,
     Ready {
         load_seconds: f64,
+        /// Bytes of weights held (the GGUF's tensors, still quantized).
         weight_bytes: u64,
         context_length: usize,
+        /// Key/value cache one token of context occupies.
+        kv_bytes_per_token: usize,
     },
     Failed {
         reason: String,

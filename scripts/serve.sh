@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Starts duet on 127.0.0.1:8080 with the default model, fetching the model and building
+# duet first when needed. Extra arguments go to `duet serve` (e.g. --port 9000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-models.sh smollm2
+exec cargo run --release --quiet -- serve "$@"
