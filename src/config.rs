@@ -11,8 +11,74 @@ use toml::{Table, Value};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Who answers: the local student, the upstream teacher, or both (hybrid).
+    pub mode: Mode,
     pub server: ServerConfig,
     pub student: StudentConfig,
+    pub teacher: TeacherConfig,
+}
+
+/// `mode`: which backends serve requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Local model only.
+    #[default]
+    Student,
+    /// Everything upstream; no weights are ever loaded (the lowest-memory profile).
+    Teacher,
+    /// Both: by model name, and for the student's name by `teacher.policy`.
+    Hybrid,
+}
+
+/// `teacher.policy`: who answers requests for the student's model name in hybrid mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The student, unless it is busy beyond its queue, failed to load, or the request
+    /// needs what it cannot do (tools, logprobs, ...): then the teacher.
+    #[default]
+    StudentFirst,
+    /// The teacher, unless it is unreachable, times out, or answers 5xx or 429: then the student.
+    TeacherFirst,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherConfig {
+    /// The upstream OpenAI-compatible API, up to and including `/v1`.
+    pub base_url: String,
+    /// Name of the environment variable that holds the upstream's API key (never the key).
+    pub api_key_env: String,
+    /// Upstream model used for requests that name the student's model and go upstream.
+    pub model: String,
+    /// More model names routed upstream, each `name` or `name=upstream-name`.
+    pub models: Vec<String>,
+    pub policy: Policy,
+    /// Limit for opening the TCP (and TLS) connection.
+    pub connect_timeout_ms: u64,
+    /// Limit from sending the request to the first byte of the answer (first event when streamed).
+    pub first_byte_timeout_ms: u64,
+    /// Limit between two chunks of a streamed answer.
+    pub chunk_timeout_ms: u64,
+    /// Extra attempts after a connection error, a timeout before the first byte, or a 5xx.
+    pub retries: u32,
+}
+
+impl Default for TeacherConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key_env: "TEACHER_API_KEY".into(),
+            model: "gpt-4o-mini".into(),
+            models: vec![],
+            policy: Policy::StudentFirst,
+            connect_timeout_ms: 5_000,
+            first_byte_timeout_ms: 60_000,
+            chunk_timeout_ms: 60_000,
+            retries: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +146,8 @@ fn legacy_variable(name: &str, value: &str) -> Result<Option<(&'static str, Stri
     };
     Ok(match name {
         "STUDENT_BASE_MODEL" => Some(("student.model", value.to_string())),
+        "TEACHER_BASE_URL" => Some(("teacher.base_url", value.to_string())),
+        "TEACHER_MODEL" => Some(("teacher.model", value.to_string())),
         "STUDENT_MAX_NEW_TOKENS" => Some(("student.max_new_tokens", value.to_string())),
         // duet runs the student on the CPU; both values are accepted.
         "STUDENT_FORCE_CPU" => {
@@ -98,17 +166,9 @@ fn legacy_variable(name: &str, value: &str) -> Result<Option<(&'static str, Stri
                     .into(),
             ));
         }
-        "ENABLE_HYBRID" if on(value) => {
-            tracing::warn!(
-                "ENABLE_HYBRID=1: no teacher is configured in this version, so the student answers everything"
-            );
-            None
-        }
-        "ENABLE_HYBRID" => {
-            return Err(ConfigError(
-                "ENABLE_HYBRID=0 asks for teacher-only mode, which this version of duet cannot forward to yet; unset it".into(),
-            ));
-        }
+        // The Python app's hybrid switch: on means both backends, off means teacher only.
+        "ENABLE_HYBRID" if on(value) => Some(("mode", "hybrid".into())),
+        "ENABLE_HYBRID" => Some(("mode", "teacher".into())),
         "FORCE_STUDENT_STUB" if !on(value) => None,
         "FORCE_STUDENT_STUB" => {
             return Err(ConfigError(
@@ -173,9 +233,9 @@ pub fn load(
             &format!("--{}", key.rsplit('.').next().unwrap_or(key)),
         )?;
     }
-    let config: Config = Value::Table(merged)
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError(e.message().to_string()))?;
+    // serde_path_to_error names the setting a type error is about (`teacher.policy`).
+    let config: Config = serde_path_to_error::deserialize(Value::Table(merged))
+        .map_err(|e| ConfigError(format!("{}: {}", e.path(), e.inner().message())))?;
     config.validate()?;
     Ok(config)
 }
@@ -217,12 +277,62 @@ impl Config {
             );
         }
         let model = &self.student.model;
-        if !Path::new(model).exists() && crate::student::source::hub_reference(model).is_none() {
+        // Teacher mode never loads weights, so it needs no model file.
+        if self.mode != Mode::Teacher
+            && !Path::new(model).exists()
+            && crate::student::source::hub_reference(model).is_none()
+        {
             return bad(
                 "student.model",
                 format!(
                     "`{model}` is neither a file nor a Hugging Face owner/repo/file.gguf (scripts/fetch-models.sh fetches the default models)"
                 ),
+            );
+        }
+        if self.mode != Mode::Student {
+            self.validate_teacher()?;
+        }
+        Ok(())
+    }
+
+    fn validate_teacher(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
+        let t = &self.teacher;
+        let url = t.base_url.trim_end_matches('/');
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+            return bad(
+                "teacher.base_url",
+                format!(
+                    "`{}` is not an http(s) URL such as https://api.openai.com/v1",
+                    t.base_url
+                ),
+            );
+        }
+        for (key, ms) in [
+            ("teacher.connect_timeout_ms", t.connect_timeout_ms),
+            ("teacher.first_byte_timeout_ms", t.first_byte_timeout_ms),
+            ("teacher.chunk_timeout_ms", t.chunk_timeout_ms),
+        ] {
+            if ms == 0 {
+                return bad(key, "must be at least 1 millisecond".into());
+            }
+        }
+        if t.model.trim().is_empty() {
+            return bad("teacher.model", "must name the upstream model".into());
+        }
+        for entry in &t.models {
+            let (name, upstream) = entry.split_once('=').unwrap_or((entry, entry));
+            if name.trim().is_empty() || upstream.trim().is_empty() {
+                return bad(
+                    "teacher.models",
+                    format!("`{entry}` is not `name` or `name=upstream-name`"),
+                );
+            }
+        }
+        if t.api_key_env.trim().is_empty() {
+            return bad(
+                "teacher.api_key_env",
+                "must name an environment variable".into(),
             );
         }
         Ok(())
@@ -300,6 +410,14 @@ fn set(
         Value::Float(_) => Value::Float(raw.trim().parse().map_err(|_| {
             ConfigError(format!("{source}: `{key}` must be a number, not `{raw}`"))
         })?),
+        // Lists are comma-separated in the environment and on the command line.
+        Value::Array(_) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        ),
         _ => {
             return Err(ConfigError(format!(
                 "{source}: `{key}` cannot be set from text"
@@ -468,7 +586,6 @@ mod tests {
             ("STUDENT_LOAD_IN_4BIT", "0"),
             ("FORCE_STUDENT_STUB", "1"),
             ("STUDENT_LORA_DIR", "/adapters"),
-            ("ENABLE_HYBRID", "0"),
         ] {
             let err = load(
                 None,
@@ -487,5 +604,63 @@ mod tests {
         assert_eq!(c.student_name(), "SmolLM2-135M-Instruct.Q4_1");
         c.student.name = "smol".into();
         assert_eq!(c.student_name(), "smol");
+    }
+
+    #[test]
+    fn teacher_settings_and_the_hybrid_switch() {
+        let model = existing_model();
+        let c = load(
+            None,
+            env(&[
+                ("ENABLE_HYBRID", "0"),
+                ("TEACHER_BASE_URL", "http://127.0.0.1:9/v1"),
+                ("TEACHER_MODEL", "big"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.mode, Mode::Teacher, "teacher mode needs no model file");
+        assert_eq!(c.teacher.base_url, "http://127.0.0.1:9/v1");
+        assert_eq!(c.teacher.model, "big");
+        let c = load(
+            None,
+            env(&[
+                ("ENABLE_HYBRID", "1"),
+                ("STUDENT_BASE_MODEL", &model),
+                ("DUET_TEACHER_MODELS", "gpt-4o, fast=gpt-4o-mini"),
+                ("DUET_TEACHER_POLICY", "teacher-first"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.mode, Mode::Hybrid);
+        assert_eq!(c.teacher.models, vec!["gpt-4o", "fast=gpt-4o-mini"]);
+        assert_eq!(c.teacher.policy, Policy::TeacherFirst);
+        let c = load(
+            None,
+            env(&[
+                ("DUET_MODE", "hybrid"),
+                ("ENABLE_HYBRID", "0"),
+                ("STUDENT_BASE_MODEL", &model),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.mode, Mode::Hybrid, "DUET_MODE wins over ENABLE_HYBRID");
+        let err = load(
+            None,
+            env(&[
+                ("DUET_MODE", "teacher"),
+                ("DUET_TEACHER_BASE_URL", "ftp://x"),
+            ]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("teacher.base_url"), "{err}");
+        let err = load(None, env(&[("DUET_MODE", "solo")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mode") && err.contains("solo"), "{err}");
     }
 }

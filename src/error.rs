@@ -15,6 +15,10 @@ pub enum DuetError {
         message: String,
         param: Option<String>,
     },
+    /// The request needs what the local model cannot do (tools, logprobs, ...) (400; in
+    /// hybrid mode such requests go to the teacher instead).
+    #[error("{message}")]
+    Unsupported { message: String, param: String },
     /// Prompt plus requested completion do not fit the context window (400).
     #[error(
         "this model's context is {context} tokens; the messages take {prompt_tokens} and max_tokens asks for {max_tokens} more"
@@ -41,41 +45,101 @@ pub enum DuetError {
     /// The model could not be loaded; clients see 503 with the reason.
     #[error("the model could not be loaded: {0}")]
     ModelLoad(String),
+    /// The teacher could not be reached, answered 5xx, or sent something unusable (502).
+    #[error("{0}")]
+    TeacherUnavailable(String),
+    /// The teacher did not answer in time (504).
+    #[error("{0}")]
+    TeacherTimeout(String),
+    /// The teacher is rate limiting duet (429, with the teacher's Retry-After).
+    #[error("the teacher is rate limiting requests; retry later")]
+    TeacherRateLimited { retry_after: Option<String> },
+    /// The teacher refused duet's API key (502: the client's request was fine).
+    #[error(
+        "the teacher refused duet's API key (HTTP {0}); check the variable named by teacher.api_key_env"
+    )]
+    TeacherRejectedKey(u16),
     /// A bug or an unexpected failure inside duet (500).
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl DuetError {
-    /// The OpenAI `type` field.
-    fn kind(&self) -> &'static str {
+    /// The one table: HTTP status, OpenAI `type` and OpenAI `code` of every error.
+    fn table(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        const INVALID: &str = "invalid_request_error";
         match self {
-            Self::InvalidRequest { .. }
-            | Self::ContextLengthExceeded { .. }
-            | Self::ModelNotFound(_)
-            | Self::UnknownEndpoint(_)
-            | Self::PayloadTooLarge { .. } => "invalid_request_error",
-            Self::Overloaded(_) | Self::ModelLoad(_) => "server_error",
-            Self::Internal(_) => "server_error",
+            Self::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, INVALID, None),
+            Self::Unsupported { .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                Some("unsupported_parameter"),
+            ),
+            Self::ContextLengthExceeded { .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                Some("context_length_exceeded"),
+            ),
+            Self::ModelNotFound(_) => (StatusCode::NOT_FOUND, INVALID, Some("model_not_found")),
+            Self::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, INVALID, Some("unknown_url")),
+            Self::PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                INVALID,
+                Some("payload_too_large"),
+            ),
+            Self::Overloaded(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("overloaded"),
+            ),
+            Self::ModelLoad(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("model_unavailable"),
+            ),
+            Self::TeacherUnavailable(_) | Self::TeacherRejectedKey(_) => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                Some("teacher_unavailable"),
+            ),
+            Self::TeacherTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                Some("teacher_timeout"),
+            ),
+            Self::TeacherRateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         }
     }
 
-    /// The OpenAI `code` field.
-    fn code(&self) -> Option<&'static str> {
-        match self {
-            Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
-            Self::ModelNotFound(_) => Some("model_not_found"),
-            Self::UnknownEndpoint(_) => Some("unknown_url"),
-            Self::PayloadTooLarge { .. } => Some("payload_too_large"),
-            Self::Overloaded(_) => Some("overloaded"),
-            Self::ModelLoad(_) => Some("model_unavailable"),
-            Self::InvalidRequest { .. } | Self::Internal(_) => None,
-        }
+    /// A teacher failure that a second attempt may not repeat (connection, timeout, 5xx).
+    pub fn is_transient_teacher_failure(&self) -> bool {
+        matches!(self, Self::TeacherUnavailable(_) | Self::TeacherTimeout(_))
+    }
+
+    /// Whether the other backend may answer instead (hybrid fallback): the student is
+    /// busy, failed to load or cannot do what is asked; or the teacher is unreachable,
+    /// slow, failing or rate limiting.
+    pub fn allows_fallback(&self) -> bool {
+        matches!(
+            self,
+            Self::Unsupported { .. }
+                | Self::Overloaded(_)
+                | Self::ModelLoad(_)
+                | Self::TeacherUnavailable(_)
+                | Self::TeacherTimeout(_)
+                | Self::TeacherRateLimited { .. }
+        )
     }
 
     fn param(&self) -> Option<&str> {
         match self {
             Self::InvalidRequest { param, .. } => param.as_deref(),
+            Self::Unsupported { param, .. } => Some(param),
             Self::ContextLengthExceeded { .. } => Some("messages"),
             Self::ModelNotFound(_) => Some("model"),
             _ => None,
@@ -87,10 +151,18 @@ impl DuetError {
         ErrorBody {
             error: ErrorDetail {
                 message: self.to_string(),
-                kind: self.kind(),
+                kind: self.table().1,
                 param: self.param().map(str::to_string),
-                code: self.code(),
+                code: self.table().2,
             },
+        }
+    }
+
+    /// Shorthand for a request field the local model cannot honour.
+    pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
+        Self::Unsupported {
+            message: message.into(),
+            param: param.to_string(),
         }
     }
 
@@ -120,22 +192,20 @@ pub struct ErrorDetail {
 
 impl ResponseError for DuetError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
-                StatusCode::BAD_REQUEST
-            }
-            Self::ModelNotFound(_) | Self::UnknownEndpoint(_) => StatusCode::NOT_FOUND,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded(_) | Self::ModelLoad(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.table().0
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((CONTENT_TYPE, "application/json"));
-        if matches!(self, Self::Overloaded(_)) {
-            response.insert_header((RETRY_AFTER, "1"));
+        match self {
+            Self::Overloaded(_) => {
+                response.insert_header((RETRY_AFTER, "1"));
+            }
+            Self::TeacherRateLimited { retry_after } => {
+                response.insert_header((RETRY_AFTER, retry_after.as_deref().unwrap_or("1")));
+            }
+            _ => {}
         }
         response.body(serde_json::to_string(&self.body()).unwrap_or_default())
     }

@@ -8,16 +8,20 @@ pub mod error;
 pub mod http;
 pub mod memory;
 pub mod openai;
+pub mod router;
 pub mod student;
+pub mod teacher;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use actix_web::{App, HttpServer, web};
 
-use config::Config;
+use config::{Config, Mode};
 use http::AppState;
+use router::Router;
 use student::Student;
+use teacher::Teacher;
 
 /// A bound, not yet awaited server and the address it listens on (useful with port 0).
 pub struct Running {
@@ -29,9 +33,27 @@ pub struct Running {
 /// Binds the listener and builds the app; no model weights are read here.
 pub fn start(config: &Config) -> std::io::Result<Running> {
     memory::configure_allocator();
+    let student = (config.mode != Mode::Teacher)
+        .then(|| Arc::new(Student::start(&config.student, config.student_name())));
+    let teacher = match config.mode {
+        Mode::Student => None,
+        Mode::Teacher | Mode::Hybrid => {
+            let key = std::env::var(&config.teacher.api_key_env).ok();
+            if key.is_none() {
+                tracing::warn!(variable = %config.teacher.api_key_env, "no teacher API key is set; requests go upstream without one");
+            }
+            let teacher = Teacher::new(&config.teacher, key).map_err(std::io::Error::other)?;
+            Some(Arc::new(teacher))
+        }
+    };
     let state = web::Data::new(AppState {
-        student: Arc::new(Student::start(&config.student, config.student_name())),
-        student_name: config.student_name(),
+        student,
+        teacher_url: teacher
+            .as_ref()
+            .map(|_| without_credentials(&config.teacher.base_url)),
+        teacher,
+        router: Router::new(config),
+        mode: config.mode,
         started_at: http::unix_now(),
         max_body_bytes: config.server.max_body_bytes,
     });
@@ -51,4 +73,14 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
         server: server.run(),
         state,
     })
+}
+
+/// `https://user:secret@host/v1` -> `https://***@host/v1`, for display.
+fn without_credentials(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme && !url[scheme + 3..at].contains('/') => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }

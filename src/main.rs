@@ -20,6 +20,9 @@ struct Cli {
     /// A TOML configuration file (see config/default.toml).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Who answers: student, teacher or hybrid (mode).
+    #[arg(long, global = true, value_name = "MODE")]
+    mode: Option<String>,
     /// The student model: a GGUF path or a Hugging Face owner/repo/file.gguf (student.model).
     #[arg(long, global = true, value_name = "PATH_OR_REPO")]
     model: Option<String>,
@@ -46,6 +49,7 @@ async fn main() -> std::process::ExitCode {
     overrides.extend(cli.host.map(|h| ("server.host", h)));
     overrides.extend(cli.port.map(|p| ("server.port", p.to_string())));
     overrides.extend(cli.model.map(|m| ("student.model", m)));
+    overrides.extend(cli.mode.map(|m| ("mode", m)));
     let file = cli.config.or_else(duet::config::Config::file_from_env);
     let config = match duet::config::load(file.as_deref(), std::env::vars(), &overrides) {
         Ok(c) => c,
@@ -66,8 +70,8 @@ async fn main() -> std::process::ExitCode {
     };
     tracing::info!(
         address = %running.addr,
-        model = %config.student_name(),
-        "duet is serving the OpenAI API at http://{}/v1 (the model loads on the first request)",
+        mode = ?config.mode,
+        "duet is serving the OpenAI API at http://{}/v1",
         running.addr
     );
     match running.server.await {

@@ -255,7 +255,7 @@ async fn malformed_json_is_a_400_with_an_openai_error_body() {
         body["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("not a valid chat completion request")
+            .contains("not valid JSON")
     );
     assert!(body["error"].as_object().unwrap().contains_key("param"));
     assert!(body["error"].as_object().unwrap().contains_key("code"));

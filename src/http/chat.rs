@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
 use actix_web::web::Bytes;
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpResponse, ResponseError, web};
 use futures::stream;
 
 use super::{AppState, read_body, unix_now};
@@ -17,38 +17,105 @@ use crate::openai::types::{
     ChunkChoice, Delta,
 };
 use crate::openai::validate::validate;
+use crate::router::Backend;
+use crate::teacher::TeacherReply;
+use serde_json::Value;
 
 /// A quiet stream gets a comment line this often so proxies and clients keep it open.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 
 /// Names the backend that answered, on every response.
-const BACKEND_HEADER: (&str, &str) = ("x-duet-backend", "student");
+const BACKEND_HEADER: &str = "x-duet-backend";
 
 pub async fn completions(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, DuetError> {
     let body = read_body(payload, state.max_body_bytes).await?;
-    let wire: ChatCompletionRequest =
-        serde_json::from_slice(&body).map_err(|e| DuetError::InvalidRequest {
-            message: format!("the request body is not a valid chat completion request: {e}"),
-            param: None,
-        })?;
-    let request = validate(wire)?;
-    if request.model != state.student_name {
-        return Err(DuetError::ModelNotFound(request.model));
-    }
-    let generation = state.student.generate(request.generation).await?;
-    let meta = CompletionMeta {
-        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        created: unix_now(),
-        model: request.model,
+    let request: Value = serde_json::from_slice(&body).map_err(|e| DuetError::InvalidRequest {
+        message: format!("the request body is not valid JSON: {e}"),
+        param: None,
+    })?;
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| DuetError::invalid("model", "`model` must be a string naming a model"))?;
+    let plan = state
+        .router
+        .plan(model)
+        .ok_or_else(|| DuetError::ModelNotFound(model.to_string()))?;
+    let (backend, result) = match answer(&state, &plan.first, &request).await {
+        Err(e) if e.allows_fallback() && plan.fallback.is_some() => {
+            let fallback = plan.fallback.as_ref().expect("checked above");
+            tracing::info!(reason = %e, to = fallback.name(), "falling back");
+            (fallback, answer(&state, fallback, &request).await)
+        }
+        result => (&plan.first, result),
     };
-    if request.stream {
-        Ok(stream_response(generation, meta, request.include_usage))
-    } else {
-        whole_response(generation, meta).await
-    }
+    let response = result.unwrap_or_else(|e| e.error_response());
+    Ok(with_backend(response, backend))
+}
+
+/// Asks one backend; an error here means nothing was sent to the client yet.
+async fn answer(
+    state: &AppState,
+    backend: &Backend,
+    request: &Value,
+) -> Result<HttpResponse, DuetError> {
+    let response = match backend {
+        Backend::Student => {
+            let student = state
+                .student
+                .as_ref()
+                .ok_or_else(|| DuetError::Internal("no student in teacher mode".into()))?;
+            let wire: ChatCompletionRequest =
+                serde_json::from_value(request.clone()).map_err(|e| DuetError::InvalidRequest {
+                    message: format!(
+                        "the request body is not a valid chat completion request: {e}"
+                    ),
+                    param: None,
+                })?;
+            let request = validate(wire)?;
+            let generation = student.generate(request.generation).await?;
+            let meta = CompletionMeta {
+                id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+                created: unix_now(),
+                model: request.model,
+            };
+            if request.stream {
+                stream_response(generation, meta, request.include_usage)
+            } else {
+                whole_response(generation, meta).await?
+            }
+        }
+        Backend::Teacher { upstream_model } => {
+            let teacher = state
+                .teacher
+                .as_ref()
+                .ok_or_else(|| DuetError::Internal("no teacher in student mode".into()))?;
+            let mut upstream = request.clone();
+            upstream["model"] = Value::String(upstream_model.clone());
+            match teacher.forward(&upstream).await? {
+                TeacherReply::Body { status, body } => HttpResponse::build(status)
+                    .insert_header((CONTENT_TYPE, "application/json"))
+                    .body(body),
+                TeacherReply::Stream(stream) => HttpResponse::Ok()
+                    .insert_header((CONTENT_TYPE, "text/event-stream"))
+                    .insert_header((CACHE_CONTROL, "no-cache"))
+                    .streaming(stream.into_body()),
+            }
+        }
+    };
+    Ok(response)
+}
+
+/// Every response names the backend that produced it.
+fn with_backend(mut response: HttpResponse, backend: &Backend) -> HttpResponse {
+    response.headers_mut().insert(
+        HeaderName::from_static(BACKEND_HEADER),
+        HeaderValue::from_static(backend.name()),
+    );
+    response
 }
 
 /// Fields shared by every chunk of one completion.
@@ -106,26 +173,24 @@ async fn whole_response(
                 finish_reason,
                 usage,
             }) => {
-                return Ok(HttpResponse::Ok()
-                    .insert_header(BACKEND_HEADER)
-                    .json(ChatCompletion {
-                        id: meta.id,
-                        object: "chat.completion",
-                        created: meta.created,
-                        model: meta.model,
-                        system_fingerprint: None,
-                        choices: vec![Choice {
-                            index: 0,
-                            message: AssistantMessage {
-                                role: "assistant",
-                                content,
-                                refusal: None,
-                            },
-                            finish_reason,
-                            logprobs: None,
-                        }],
-                        usage,
-                    }));
+                return Ok(HttpResponse::Ok().json(ChatCompletion {
+                    id: meta.id,
+                    object: "chat.completion",
+                    created: meta.created,
+                    model: meta.model,
+                    system_fingerprint: None,
+                    choices: vec![Choice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content,
+                            refusal: None,
+                        },
+                        finish_reason,
+                        logprobs: None,
+                    }],
+                    usage,
+                }));
             }
             Some(GenEvent::Error(e)) => return Err(e),
             None => {
@@ -208,6 +273,5 @@ fn stream_response(
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/event-stream"))
         .insert_header((CACHE_CONTROL, "no-cache"))
-        .insert_header(BACKEND_HEADER)
         .streaming(body)
 }

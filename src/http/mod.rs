@@ -11,14 +11,21 @@ use actix_web::web::{self, ServiceConfig};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use futures::StreamExt;
 
+use crate::config::Mode;
 use crate::error::DuetError;
+use crate::router::Router;
 use crate::student::Student;
+use crate::teacher::Teacher;
 
 /// What every handler shares; built once, outside `HttpServer::new`.
 pub struct AppState {
-    pub student: Arc<Student>,
-    /// The model id clients use for the student.
-    pub student_name: String,
+    /// The local model; absent in teacher mode, where no weights are ever loaded.
+    pub student: Option<Arc<Student>>,
+    pub teacher: Option<Arc<Teacher>>,
+    pub router: Router,
+    pub mode: Mode,
+    /// The teacher's base URL as `/health` shows it (without any credentials).
+    pub teacher_url: Option<String>,
     /// When this server started (the `created` time of its model cards).
     pub started_at: u64,
     pub max_body_bytes: usize,

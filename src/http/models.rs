@@ -8,12 +8,13 @@ use crate::error::DuetError;
 use crate::openai::types::{ModelCard, ModelList};
 
 fn cards(state: &AppState) -> Vec<ModelCard> {
-    vec![ModelCard {
-        id: state.student_name.clone(),
+    let card = |id| ModelCard {
+        id,
         object: "model",
         created: state.started_at,
         owned_by: "duet",
-    }]
+    };
+    state.router.model_ids().into_iter().map(card).collect()
 }
 
 pub async fn list(state: web::Data<AppState>) -> HttpResponse {

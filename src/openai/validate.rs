@@ -35,13 +35,13 @@ pub fn validate(req: ChatCompletionRequest) -> Result<ValidChatRequest, DuetErro
     for (field, why) in UNSUPPORTED {
         match req.extra.get(*field) {
             None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
-            Some(_) => return Err(DuetError::invalid(field, *why)),
+            Some(_) => return Err(DuetError::unsupported(field, *why)),
         }
     }
     if let Some(format) = req.extra.get("response_format") {
         let kind = format.get("type").and_then(|t| t.as_str()).unwrap_or("");
         if kind != "text" {
-            return Err(DuetError::invalid(
+            return Err(DuetError::unsupported(
                 "response_format",
                 format!(
                     "response_format `{kind}` is not supported by the local model; only `text` is"
@@ -52,7 +52,7 @@ pub fn validate(req: ChatCompletionRequest) -> Result<ValidChatRequest, DuetErro
     if let Some(n) = req.n
         && n != 1
     {
-        return Err(DuetError::invalid(
+        return Err(DuetError::unsupported(
             "n",
             format!("n must be 1 (got {n}): duet generates one choice per request"),
         ));
@@ -69,7 +69,7 @@ pub fn validate(req: ChatCompletionRequest) -> Result<ValidChatRequest, DuetErro
                 "user" => "user",
                 "assistant" => "assistant",
                 "tool" | "function" => {
-                    return Err(DuetError::invalid(&param, format!("role `{}` needs tool calling, which the local model does not support", m.role)));
+                    return Err(DuetError::unsupported(&param, format!("role `{}` needs tool calling, which the local model does not support", m.role)));
                 }
                 other => {
                     return Err(DuetError::invalid(&param, format!("unknown role `{other}`; expected system, developer, user or assistant")));
@@ -84,7 +84,7 @@ pub fn validate(req: ChatCompletionRequest) -> Result<ValidChatRequest, DuetErro
                         match (part.kind.as_str(), part.text) {
                             ("text", Some(t)) => text.push_str(&t),
                             (kind, _) => {
-                                return Err(DuetError::invalid(&param, format!("content part `{kind}` is not supported; the local model reads text only")));
+                                return Err(DuetError::unsupported(&param, format!("content part `{kind}` is not supported; the local model reads text only")));
                             }
                         }
                     }
@@ -243,7 +243,8 @@ mod tests {
         ];
         for (json, param) in cases {
             match parse(json) {
-                Err(DuetError::InvalidRequest { param: Some(p), .. }) => assert_eq!(p, param),
+                Err(DuetError::InvalidRequest { param: Some(p), .. })
+                | Err(DuetError::Unsupported { param: p, .. }) => assert_eq!(p, param),
                 other => panic!("expected a 400 about {param}, got {other:?}"),
             }
         }
