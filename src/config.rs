@@ -16,6 +16,38 @@ pub struct Config {
     pub server: ServerConfig,
     pub student: StudentConfig,
     pub teacher: TeacherConfig,
+    pub memory: MemoryConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// The budget: a size (`2GiB`, `1500MB`, bytes) or a share of the memory available to
+    /// duet when it starts (`50%`, the machine's or its cgroup's, whichever is lower).
+    pub max_bytes: String,
+    /// How long the student stays loaded after its last request: `5m`, `30s`, `1h`;
+    /// `0` unloads after each request; `-1` never unloads. Requests may set their own.
+    pub keep_alive: String,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: "50%".into(),
+            keep_alive: "5m".into(),
+        }
+    }
+}
+
+/// Rate limits; 0 turns a limit off. Per client means per API key, else per address.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+    pub global_requests_per_minute: u32,
+    pub global_tokens_per_minute: u32,
 }
 
 /// `mode`: which backends serve requests.
@@ -291,6 +323,14 @@ impl Config {
         }
         if self.mode != Mode::Student {
             self.validate_teacher()?;
+        }
+        if let Err(why) =
+            crate::memory::parse_budget(&self.memory.max_bytes, crate::memory::available_bytes())
+        {
+            return bad("memory.max_bytes", why);
+        }
+        if let Err(why) = crate::memory::KeepAlive::parse(&self.memory.keep_alive) {
+            return bad("memory.keep_alive", why);
         }
         Ok(())
     }

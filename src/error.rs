@@ -39,7 +39,7 @@ pub enum DuetError {
     /// The body is larger than `server.max_body_bytes` (413).
     #[error("the request body is larger than the limit of {limit} bytes (server.max_body_bytes)")]
     PayloadTooLarge { limit: usize },
-    /// Too many requests are already waiting (503, retry later).
+    /// The queue or the memory budget is full (429 with Retry-After; hybrid: the teacher).
     #[error("{0}")]
     Overloaded(String),
     /// The model could not be loaded; clients see 503 with the reason.
@@ -88,7 +88,7 @@ impl DuetError {
                 Some("payload_too_large"),
             ),
             Self::Overloaded(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::TOO_MANY_REQUESTS,
                 "server_error",
                 Some("overloaded"),
             ),

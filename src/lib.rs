@@ -2,6 +2,7 @@
 //! quantized student model with bounded memory. `main.rs` and the tests both start it
 //! through [`start`].
 
+pub mod admission;
 pub mod backend;
 pub mod config;
 pub mod error;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use actix_web::{App, HttpServer, web};
 
+use admission::Admission;
 use config::{Config, Mode};
 use http::AppState;
 use router::Router;
@@ -33,8 +35,20 @@ pub struct Running {
 /// Binds the listener and builds the app; no model weights are read here.
 pub fn start(config: &Config) -> std::io::Result<Running> {
     memory::configure_allocator();
-    let student = (config.mode != Mode::Teacher)
-        .then(|| Arc::new(Student::start(&config.student, config.student_name())));
+    // Validated when the configuration was loaded.
+    let budget = memory::parse_budget(&config.memory.max_bytes, memory::available_bytes())
+        .map_err(std::io::Error::other)?;
+    let keep_alive =
+        memory::KeepAlive::parse(&config.memory.keep_alive).map_err(std::io::Error::other)?;
+    let admission = Admission::new(budget);
+    let student = (config.mode != Mode::Teacher).then(|| {
+        Arc::new(Student::start(
+            &config.student,
+            config.student_name(),
+            admission.clone(),
+            keep_alive,
+        ))
+    });
     let teacher = match config.mode {
         Mode::Student => None,
         Mode::Teacher | Mode::Hybrid => {
@@ -53,6 +67,7 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
             .map(|_| without_credentials(&config.teacher.base_url)),
         teacher,
         router: Router::new(config),
+        admission,
         mode: config.mode,
         started_at: http::unix_now(),
         max_body_bytes: config.server.max_body_bytes,

@@ -1,5 +1,156 @@
-//! Keeping resident memory equal to what duet uses: glibc's allocator settings and the
-//! call that hands freed pages back to the operating system.
+//! Memory as duet sees it: the budget (parsed from `memory.max_bytes`), what the machine
+//! or its cgroup has available, the process's resident size, and the allocator settings
+//! and trimming that make resident memory equal what duet actually uses.
+
+/// Reads this process's resident set size (`VmRSS`) in bytes.
+pub fn rss_bytes() -> u64 {
+    proc_status_kib("VmRSS:") * 1024
+}
+
+/// This process's peak resident set size (`VmHWM`) in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    proc_status_kib("VmHWM:") * 1024
+}
+
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Memory this process could still use: the machine's `MemAvailable` plus what it holds
+/// now, or the cgroup's limit when that is lower.
+pub fn available_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let machine = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|kib| kib * 1024 + rss_bytes())
+        .unwrap_or(u64::MAX);
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
+    .min()
+    .unwrap_or(u64::MAX);
+    machine.min(cgroup)
+}
+
+/// Parses `memory.max_bytes`: a share of available memory (`50%`), a size with a unit
+/// (`512MiB`, `2GB`, `1.5G`), or plain bytes.
+pub fn parse_budget(text: &str, available: u64) -> Result<u64, String> {
+    let t = text.trim();
+    if let Some(percent) = t.strip_suffix('%') {
+        let p: f64 = percent
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{text}` is not a percentage"))?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(format!("`{text}` must be between 0% and 100%"));
+        }
+        return Ok((available as f64 * p / 100.0) as u64);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 2GiB, 512MB or 50%"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}` (use B, KB, KiB, MB, MiB, GB, GiB or %)"
+            ));
+        }
+    };
+    let bytes = (n * scale as f64) as u64;
+    if bytes == 0 {
+        return Err(format!("`{text}` leaves no memory at all"));
+    }
+    Ok(bytes)
+}
+
+/// Writes bytes the way people read them: `1.25 GiB`, `96.6 MiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// How long an idle model stays loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Unload this long after the last request (zero: right after it).
+    For(std::time::Duration),
+    Never,
+}
+
+impl KeepAlive {
+    /// `5m`, `30s`, `1h`, `250ms`, plain seconds; `0` unloads at once; `-1` (any negative) never.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        if t.starts_with('-') {
+            return Ok(Self::Never);
+        }
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let n: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration such as 5m, 30s or -1"))?;
+        let seconds = match unit.trim() {
+            "" | "s" => n,
+            "ms" => n / 1000.0,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            other => {
+                return Err(format!(
+                    "unknown unit `{other}` in `{text}` (use ms, s, m or h)"
+                ));
+            }
+        };
+        Ok(Self::For(std::time::Duration::from_secs_f64(seconds)))
+    }
+
+    /// From a request's `keep_alive` field: seconds as a number, or a duration string.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, String> {
+        match value {
+            serde_json::Value::Number(n) => match n.as_f64() {
+                Some(s) if s < 0.0 => Ok(Self::Never),
+                Some(s) => Ok(Self::For(std::time::Duration::from_secs_f64(s))),
+                None => Err("keep_alive is not a number".into()),
+            },
+            serde_json::Value::String(s) => Self::parse(s),
+            _ => Err("keep_alive must be seconds or a duration such as \"5m\"".into()),
+        }
+    }
+}
 
 /// Large buffers (weights, key/value caches, logits) always get their own mappings, which
 /// go back to the system when freed; glibc would otherwise raise this threshold after the
@@ -20,5 +171,54 @@ pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_parse_as_shares_sizes_and_bytes() {
+        assert_eq!(parse_budget("50%", 1000), Ok(500));
+        assert_eq!(parse_budget("2GiB", 0), Ok(2 << 30));
+        assert_eq!(parse_budget("1.5G", 0), Ok(1_500_000_000));
+        assert_eq!(parse_budget("512 MiB", 0), Ok(512 << 20));
+        assert_eq!(parse_budget("123456", 0), Ok(123456));
+        assert!(parse_budget("150%", 1000).is_err());
+        assert!(parse_budget("lots", 1000).is_err());
+        assert!(parse_budget("2 parsecs", 1000).is_err());
+        assert!(parse_budget("0", 1000).is_err());
+    }
+
+    #[test]
+    fn keep_alive_durations() {
+        use std::time::Duration;
+        assert_eq!(
+            KeepAlive::parse("5m"),
+            Ok(KeepAlive::For(Duration::from_secs(300)))
+        );
+        assert_eq!(KeepAlive::parse("0"), Ok(KeepAlive::For(Duration::ZERO)));
+        assert_eq!(KeepAlive::parse("-1"), Ok(KeepAlive::Never));
+        assert_eq!(
+            KeepAlive::parse("250ms"),
+            Ok(KeepAlive::For(Duration::from_millis(250)))
+        );
+        assert!(KeepAlive::parse("soon").is_err());
+        assert_eq!(
+            KeepAlive::from_json(&serde_json::json!(0)),
+            Ok(KeepAlive::For(Duration::ZERO))
+        );
+        assert_eq!(
+            KeepAlive::from_json(&serde_json::json!(-1)),
+            Ok(KeepAlive::Never)
+        );
+    }
+
+    #[test]
+    fn process_memory_is_readable() {
+        assert!(rss_bytes() > 0 && peak_rss_bytes() >= rss_bytes());
+        assert!(available_bytes() > rss_bytes());
+        assert_eq!(human(96_600_000), "92.1 MiB");
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::{QWEN, SMOLLM2, model_path};
 use duet::backend::ChatMessage;
-use duet::student::engine::LoadedModel;
+use duet::student::loaded::LoadedModel;
 use duet::student::gguf::GgufHeader;
 use duet::student::template::ChatTemplate;
 use duet::student::tokenizer::StudentTokenizer;
@@ -159,7 +159,7 @@ fn qwen_template_renders_its_default_system_prompt_and_turns() {
 fn qwen_prompt_token_count_matches_llama_cpp() {
     let mut config = common::config_for(QWEN);
     config.student.context_length = 64;
-    let model = LoadedModel::load(&config.student).unwrap();
+    let model = LoadedModel::load(&config.student, u64::MAX).unwrap();
     let ids = model
         .prompt_tokens(&[msg("user", "What is the capital of France?")])
         .unwrap();

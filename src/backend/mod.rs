@@ -6,6 +6,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::error::DuetError;
+use crate::memory::KeepAlive;
 pub use crate::openai::types::{FinishReason, Usage};
 pub use crate::student::sampler::SamplingParams;
 
@@ -24,6 +25,8 @@ pub struct GenerationRequest {
     /// The client's cap on generated tokens, if it gave one.
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
+    /// How long the model stays loaded after this request (`keep_alive`, as in Ollama).
+    pub keep_alive: Option<KeepAlive>,
 }
 
 /// What a running generation reports, in order: text pieces, then one `Done` or `Error`.

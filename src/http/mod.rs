@@ -11,6 +11,7 @@ use actix_web::web::{self, ServiceConfig};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use futures::StreamExt;
 
+use crate::admission::Admission;
 use crate::config::Mode;
 use crate::error::DuetError;
 use crate::router::Router;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub student: Option<Arc<Student>>,
     pub teacher: Option<Arc<Teacher>>,
     pub router: Router,
+    /// The memory ledger requests are admitted against.
+    pub admission: Arc<Admission>,
     pub mode: Mode,
     /// The teacher's base URL as `/health` shows it (without any credentials).
     pub teacher_url: Option<String>,

@@ -4,6 +4,7 @@
 use super::types::{ChatCompletionRequest, MessageContent, StopField};
 use crate::backend::{ChatMessage, GenerationRequest, SamplingParams};
 use crate::error::DuetError;
+use crate::memory::KeepAlive;
 
 /// A validated request plus what the HTTP edge itself needs.
 #[derive(Debug)]
@@ -149,6 +150,13 @@ pub fn validate(req: ChatCompletionRequest) -> Result<ValidChatRequest, DuetErro
         ));
     }
 
+    let keep_alive = match req.extra.get("keep_alive") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => {
+            Some(KeepAlive::from_json(v).map_err(|why| DuetError::invalid("keep_alive", why))?)
+        }
+    };
+
     Ok(ValidChatRequest {
         model: req.model,
         stream: req.stream,
@@ -165,6 +173,7 @@ pub fn validate(req: ChatCompletionRequest) -> Result<ValidChatRequest, DuetErro
             },
             max_tokens,
             stop,
+            keep_alive,
         },
     })
 }

@@ -1,29 +1,31 @@
-//! The engine thread: owns the loaded model, takes one job at a time from a bounded
-//! queue, and streams each job's tokens back through its own channel. Model work never
-//! runs on an HTTP worker; a job whose receiver is gone stops at the next token.
+//! The engine thread: loads the student when the first job arrives, runs one job at a time
+//! from a bounded queue, streams each job's tokens back through its own channel, and
+//! unloads the model after `keep_alive` without work. Model work never runs on an HTTP
+//! worker; a job whose receiver is gone stops at the next token.
 
-use std::collections::HashSet;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::detokenizer::Detokenizer;
-use super::gguf::{self, GgufHeader};
-use super::model::{KvCache, Transformer};
+use super::loaded::LoadedModel;
+use super::model::KvCache;
 use super::sampler::Sampler;
 use super::stop::{StopMatcher, StopScan};
-use super::template::ChatTemplate;
-use super::tokenizer::StudentTokenizer;
-use super::{LoadState, StudentStatus, source};
-use crate::backend::{ChatMessage, FinishReason, GenEvent, GenerationRequest, Usage};
+use super::{LoadState, StudentStatus};
+use crate::admission::{Admission, ModelFacts, Reservation};
+use crate::backend::{FinishReason, GenEvent, GenerationRequest, Usage};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
+use crate::memory::KeepAlive;
 
 /// A request waiting for the engine, with where its answer goes.
 pub struct Job {
     pub request: GenerationRequest,
+    /// The memory admission granted; returned when the job is dropped.
+    pub reservation: Reservation,
     /// Resolved with the prompt's token count once prefill is done (or with the error).
     pub started: oneshot::Sender<Result<u32, DuetError>>,
     pub events: mpsc::Sender<GenEvent>,
@@ -33,152 +35,150 @@ pub struct Job {
 /// memory for long prompts.
 const PREFILL_CHUNK: usize = 256;
 
-/// Used when a GGUF carries no chat template: ChatML, what most small chat models use.
-const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// Everything loaded for the student, shared by all its sequences.
-pub struct LoadedModel {
-    pub model: Transformer,
-    pub tokenizer: StudentTokenizer,
-    pub template: ChatTemplate,
-    /// Tokens that end the assistant's turn (EOS and the template's end-of-turn marker).
-    pub end_tokens: HashSet<u32>,
-    /// Bytes of all weights as stored in the GGUF (and held in memory).
-    pub weight_bytes: u64,
-}
-
-impl LoadedModel {
-    /// Reads the model named by `config.model` (fetching it first if it is a hub reference).
-    pub fn load(config: &StudentConfig) -> Result<Self, DuetError> {
-        let path = source::resolve(&config.model)?;
-        let mut header = GgufHeader::read(&path)?;
-        let tokenizer = StudentTokenizer::load(&path, &header)?;
-        // The parsed vocabulary and merges are hundreds of thousands of small strings the
-        // tokenizer now holds its own copy of: free them before the weights arrive.
-        header.drop_tokenizer_metadata();
-        crate::memory::release_free_memory();
-        let template_source = match gguf::string(header.metadata(), "tokenizer.chat_template") {
-            Ok(t) => t,
-            Err(_) => {
-                tracing::warn!("the GGUF has no chat template; using ChatML");
-                CHATML.to_string()
-            }
-        };
-        let text_of = |id: Option<u32>| {
-            id.and_then(|id| tokenizer.token_text(id))
-                .unwrap_or_default()
-        };
-        let template = ChatTemplate::new(
-            &template_source,
-            text_of(tokenizer.bos),
-            text_of(tokenizer.eos),
-        )?;
-        let mut end_tokens: HashSet<u32> = tokenizer.eos.into_iter().collect();
-        end_tokens.extend(gguf::opt_u32(
-            header.metadata(),
-            "tokenizer.ggml.eot_token_id",
-        ));
-        if let Some(id) = template
-            .end_of_turn_text()
-            .and_then(|t| tokenizer.special_id(&t))
-        {
-            end_tokens.insert(id);
-        }
-        let trained = super::model::ModelShape::from_header(&header)?.trained_context;
-        let model = Transformer::load(&path, &header, config.context_length.min(trained))?;
-        Ok(Self {
-            model,
-            tokenizer,
-            template,
-            end_tokens,
-            weight_bytes: header.tensor_bytes(),
-        })
-    }
-
-    /// The prompt's token ids for a conversation, as the model's template renders it.
-    pub fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, DuetError> {
-        self.tokenizer.encode(&self.template.render(messages)?)
-    }
+/// What the engine needs besides its jobs.
+pub struct EngineSettings {
+    pub student: StudentConfig,
+    pub budget: u64,
+    pub keep_alive: KeepAlive,
 }
 
 /// Starts the engine thread and returns the sending half of its bounded job queue.
-pub fn spawn(config: StudentConfig, status: Arc<Mutex<StudentStatus>>) -> SyncSender<Job> {
-    let (tx, rx) = sync_channel(config.queue_size);
+pub fn spawn(
+    settings: EngineSettings,
+    status: Arc<Mutex<StudentStatus>>,
+    admission: Arc<Admission>,
+) -> SyncSender<Job> {
+    let (tx, rx) = sync_channel(settings.student.queue_size);
+    let keep_alive = settings.keep_alive;
+    let engine = Engine {
+        settings,
+        status,
+        admission,
+        loaded: None,
+        keep_alive,
+    };
     std::thread::Builder::new()
         .name("duet-engine".into())
-        .spawn(move || run(config, status, rx))
+        .spawn(move || engine.run(rx))
         .expect("spawn the engine thread");
     tx
 }
 
-fn run(config: StudentConfig, status: Arc<Mutex<StudentStatus>>, jobs: Receiver<Job>) {
-    let mut loaded: Option<LoadedModel> = None;
-    // Ends when every Student handle is dropped.
-    while let Ok(job) = jobs.recv() {
-        if job.started.is_closed() {
-            continue; // the client left while queued
-        }
-        if loaded.is_none() {
-            if let Some(reason) = failed_reason(&status) {
-                let _ = job.started.send(Err(DuetError::ModelLoad(reason)));
-                continue;
+struct Engine {
+    settings: EngineSettings,
+    status: Arc<Mutex<StudentStatus>>,
+    admission: Arc<Admission>,
+    loaded: Option<LoadedModel>,
+    /// How long to stay loaded without work (the last request's `keep_alive` or the default).
+    keep_alive: KeepAlive,
+}
+
+impl Engine {
+    /// Serves jobs until every `Student` handle is dropped.
+    fn run(mut self, jobs: Receiver<Job>) {
+        while let Some(job) = self.next_job(&jobs) {
+            if job.started.is_closed() {
+                continue; // the client left while queued
             }
-            loaded = load(&config, &status);
-        }
-        match &loaded {
-            Some(model) => {
-                let outcome = serve(model, &config, job);
-                let mut status = status.lock().expect("status lock");
-                match outcome {
-                    Outcome::Completed => status.completed += 1,
-                    Outcome::Cancelled => status.cancelled += 1,
-                    Outcome::Failed => {}
+            let keep_alive = job.request.keep_alive.unwrap_or(self.settings.keep_alive);
+            if self.loaded.is_none() {
+                self.load();
+            }
+            let outcome = match &self.loaded {
+                Some(model) => serve(model, &self.settings.student, job),
+                None => {
+                    let reason = self.failed_reason().unwrap_or_default();
+                    let _ = job.started.send(Err(DuetError::ModelLoad(reason)));
+                    Outcome::Failed
                 }
+            };
+            let mut status = self.status.lock().expect("status lock");
+            match outcome {
+                Outcome::Completed => status.completed += 1,
+                Outcome::Cancelled => status.cancelled += 1,
+                Outcome::Failed => {}
             }
-            None => {
-                let reason = failed_reason(&status).unwrap_or_default();
-                let _ = job.started.send(Err(DuetError::ModelLoad(reason)));
+            drop(status);
+            self.keep_alive = keep_alive;
+        }
+    }
+
+    /// The next job; while loaded and idle past `keep_alive`, unloads first.
+    fn next_job(&mut self, jobs: &Receiver<Job>) -> Option<Job> {
+        loop {
+            let idle_limit = match (&self.loaded, self.keep_alive) {
+                (Some(_), KeepAlive::For(limit)) => limit,
+                _ => return jobs.recv().ok(),
+            };
+            match jobs.recv_timeout(idle_limit) {
+                Ok(job) => return Some(job),
+                Err(RecvTimeoutError::Timeout) => self.unload(),
+                Err(RecvTimeoutError::Disconnected) => return None,
             }
         }
     }
-}
 
-fn failed_reason(status: &Mutex<StudentStatus>) -> Option<String> {
-    match &status.lock().expect("status lock").state {
-        LoadState::Failed { reason } => Some(reason.clone()),
-        _ => None,
+    fn failed_reason(&self) -> Option<String> {
+        match &self.status.lock().expect("status lock").state {
+            LoadState::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        }
     }
-}
 
-fn load(config: &StudentConfig, status: &Mutex<StudentStatus>) -> Option<LoadedModel> {
-    status.lock().expect("status lock").state = LoadState::Loading;
-    let started = Instant::now();
-    let result = LoadedModel::load(config);
-    crate::memory::release_free_memory();
-    let mut status = status.lock().expect("status lock");
-    match result {
-        Ok(model) => {
-            let load_seconds = started.elapsed().as_secs_f64();
-            let weight_bytes = model.weight_bytes;
-            tracing::info!(model = %status.model, load_seconds, "student loaded");
-            status.loads += 1;
-            status.state = LoadState::Ready {
-                load_seconds,
-                weight_bytes,
-                context_length: model.model.context(),
-                kv_bytes_per_token: model.model.shape.kv_bytes_per_token(),
-            };
-            Some(model)
+    fn load(&mut self) {
+        if self.failed_reason().is_some() {
+            return; // a model that failed once is not re-read for every request
         }
-        Err(e) => {
-            let reason = match e {
-                DuetError::ModelLoad(reason) => reason,
-                other => other.to_string(),
-            };
-            tracing::error!(%reason, "student failed to load");
-            status.state = LoadState::Failed { reason };
-            None
+        self.status.lock().expect("status lock").state = LoadState::Loading;
+        let started = Instant::now();
+        let result = LoadedModel::load(&self.settings.student, self.settings.budget);
+        crate::memory::release_free_memory();
+        let mut status = self.status.lock().expect("status lock");
+        match result {
+            Ok(model) => {
+                let load_seconds = started.elapsed().as_secs_f64();
+                let measured = crate::memory::rss_bytes();
+                let f = model.footprint;
+                self.admission.learn(ModelFacts {
+                    fixed_bytes: measured.max(f.fixed_bytes()),
+                    kv_bytes_per_token: f.kv_bytes_per_token,
+                    context_length: f.context_length,
+                });
+                tracing::info!(
+                    model = %status.model,
+                    load_seconds,
+                    estimated = %crate::memory::human(f.fixed_bytes()),
+                    measured_rss = %crate::memory::human(measured),
+                    "student loaded"
+                );
+                status.loads += 1;
+                status.state = LoadState::Ready {
+                    load_seconds,
+                    weight_bytes: f.weight_bytes,
+                    estimated_bytes: f.fixed_bytes(),
+                    measured_rss_bytes: measured,
+                    context_length: f.context_length as usize,
+                    kv_bytes_per_token: f.kv_bytes_per_token as usize,
+                };
+                self.loaded = Some(model);
+            }
+            Err(e) => {
+                let reason = match e {
+                    DuetError::ModelLoad(reason) => reason,
+                    other => other.to_string(),
+                };
+                tracing::error!(%reason, "student failed to load");
+                status.state = LoadState::Failed { reason };
+            }
         }
+    }
+
+    /// Drops the model and hands its memory back to the operating system.
+    fn unload(&mut self) {
+        self.loaded = None;
+        crate::memory::release_free_memory();
+        tracing::info!(rss = %crate::memory::human(crate::memory::rss_bytes()), "student unloaded after keep_alive");
+        self.status.lock().expect("status lock").state = LoadState::Unloaded;
     }
 }
 
@@ -196,6 +196,7 @@ enum Outcome {
 fn serve(m: &LoadedModel, config: &StudentConfig, job: Job) -> Outcome {
     let Job {
         request,
+        mut reservation,
         started,
         events,
     } = job;
@@ -206,6 +207,7 @@ fn serve(m: &LoadedModel, config: &StudentConfig, job: Job) -> Outcome {
             return Outcome::Failed;
         }
     };
+    reservation.set_tokens((prompt.len() + max_tokens) as u64);
     let mut cache = KvCache::new(m.model.shape.layers);
     let mut logits = Vec::new();
     for chunk in prompt.chunks(PREFILL_CHUNK) {

@@ -3,7 +3,9 @@
 
 pub mod detokenizer;
 pub mod engine;
+pub mod footprint;
 pub mod gguf;
+pub mod loaded;
 pub mod model;
 pub mod sampler;
 pub mod source;
@@ -19,10 +21,12 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::admission::Admission;
 use crate::backend::{ChatBackend, Generation, GenerationRequest};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
-use engine::Job;
+use crate::memory::KeepAlive;
+use engine::{EngineSettings, Job};
 
 /// Where the student's weights are, as `/health` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -35,6 +39,10 @@ pub enum LoadState {
         load_seconds: f64,
         /// Bytes of weights held (the GGUF's tensors, still quantized).
         weight_bytes: u64,
+        /// The footprint estimated from the GGUF header before loading (without requests).
+        estimated_bytes: u64,
+        /// The process's resident memory right after loading.
+        measured_rss_bytes: u64,
         context_length: usize,
         /// Key/value cache one token of context occupies.
         kv_bytes_per_token: usize,
@@ -62,15 +70,25 @@ pub struct StudentStatus {
 pub struct Student {
     jobs: SyncSender<Job>,
     status: Arc<Mutex<StudentStatus>>,
+    admission: Arc<Admission>,
+    max_new_tokens: u64,
 }
 
 /// Bounded so that a burst can only queue `queue_size` requests; each streamed event is
 /// tiny, and a full buffer just makes the engine wait for a slow reader.
 const EVENT_BUFFER: usize = 64;
 
+/// Tokens a chat template may add around the messages (roles, markers, default system prompt).
+const TEMPLATE_TOKENS: u64 = 64;
+
 impl Student {
     /// Starts the engine thread; no weights are read until the first request.
-    pub fn start(config: &StudentConfig, name: String) -> Self {
+    pub fn start(
+        config: &StudentConfig,
+        name: String,
+        admission: Arc<Admission>,
+        keep_alive: KeepAlive,
+    ) -> Self {
         let status = Arc::new(Mutex::new(StudentStatus {
             model: name,
             state: LoadState::Unloaded,
@@ -78,8 +96,18 @@ impl Student {
             completed: 0,
             cancelled: 0,
         }));
-        let jobs = engine::spawn(config.clone(), status.clone());
-        Self { jobs, status }
+        let settings = EngineSettings {
+            student: config.clone(),
+            budget: admission.budget(),
+            keep_alive,
+        };
+        let jobs = engine::spawn(settings, status.clone(), admission.clone());
+        Self {
+            jobs,
+            status,
+            admission,
+            max_new_tokens: config.max_new_tokens as u64,
+        }
     }
 
     pub fn status(&self) -> StudentStatus {
@@ -92,10 +120,27 @@ impl ChatBackend for Student {
         &self,
         request: GenerationRequest,
     ) -> BoxFuture<'static, Result<Generation, DuetError>> {
+        // Memory first: the body, and a key/value cache for at most one token per prompt
+        // byte (plus the template) and max_tokens; the engine trims it once tokenized.
+        let text_bytes: u64 = request
+            .messages
+            .iter()
+            .map(|m| m.content.len() as u64)
+            .sum();
+        let max_tokens = request.max_tokens.map_or(self.max_new_tokens, |n| n as u64);
+        let reservation =
+            match self
+                .admission
+                .admit(text_bytes, text_bytes + TEMPLATE_TOKENS, max_tokens)
+            {
+                Ok(r) => r,
+                Err(e) => return Box::pin(async move { Err(e) }),
+            };
         let (started_tx, started_rx) = oneshot::channel();
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
         let job = Job {
             request,
+            reservation,
             started: started_tx,
             events: events_tx,
         };
@@ -105,7 +150,7 @@ impl ChatBackend for Student {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     return Err(DuetError::Overloaded(
-                        "the student's queue is full; retry shortly".into(),
+                        "the student's queue is full (student.queue_size); retry shortly".into(),
                     ));
                 }
                 Err(TrySendError::Disconnected(_)) => {
