@@ -21,9 +21,9 @@ pub struct Admission {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Ledger {
-    /// The student's footprint without any request, measured after its first load and
-    /// kept through unloads (the next request loads it again); 0 while nothing is known,
-    /// when the first burst is bounded by the queue's count.
+    /// The student's footprint without any request, as estimated from its GGUF header
+    /// and known after its first load; kept through unloads (the next request loads it
+    /// again); 0 while nothing is known, when the first burst is bounded by the queue.
     pub fixed_bytes: u64,
     /// Key/value cache bytes one token occupies (0 until the model was read once).
     pub kv_bytes_per_token: u64,

@@ -45,6 +45,13 @@ pub enum DuetError {
     /// The model could not be loaded; clients see 503 with the reason.
     #[error("the model could not be loaded: {0}")]
     ModelLoad(String),
+    /// A client or the server went over a rate limit (429 with Retry-After).
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+        headers: Vec<(&'static str, String)>,
+    },
     /// The teacher could not be reached, answered 5xx, or sent something unusable (502).
     #[error("{0}")]
     TeacherUnavailable(String),
@@ -108,6 +115,11 @@ impl DuetError {
                 Some("teacher_timeout"),
             ),
             Self::TeacherRateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            Self::RateLimited { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
@@ -201,6 +213,16 @@ impl ResponseError for DuetError {
         match self {
             Self::Overloaded(_) => {
                 response.insert_header((RETRY_AFTER, "1"));
+            }
+            Self::RateLimited {
+                retry_after_secs,
+                headers,
+                ..
+            } => {
+                response.insert_header((RETRY_AFTER, retry_after_secs.to_string()));
+                for (name, value) in headers {
+                    response.insert_header((*name, value.as_str()));
+                }
             }
             Self::TeacherRateLimited { retry_after } => {
                 response.insert_header((RETRY_AFTER, retry_after.as_deref().unwrap_or("1")));

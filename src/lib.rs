@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod memory;
 pub mod openai;
+pub mod rate_limit;
 pub mod router;
 pub mod student;
 pub mod teacher;
@@ -68,6 +69,7 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
         teacher,
         router: Router::new(config),
         admission,
+        rate_limits: rate_limit::RateLimits::new(&config.limits),
         mode: config.mode,
         started_at: http::unix_now(),
         max_body_bytes: config.server.max_body_bytes,

@@ -174,6 +174,46 @@ pub fn release_free_memory() {
     }
 }
 
+/// Drops this program's machine-code pages from its resident set. Code for loading and
+/// running a model (candle's kernels, the tokenizer) is paged in on first use and would
+/// otherwise stay resident after the model is unloaded. Only executable mappings of the
+/// program's own file are touched: they are never written, so the kernel simply reads them
+/// back from the file (usually the page cache) when they run again.
+pub fn release_code_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return;
+        };
+        for line in maps.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [range, perms, _, _, _, path, ..] = fields[..] else {
+                continue;
+            };
+            if perms != "r-xp" || std::path::Path::new(path) != exe {
+                continue;
+            }
+            let Some((start, end)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) else {
+                continue;
+            };
+            // SAFETY: a private, never-written, executable file mapping of this program:
+            // MADV_DONTNEED makes later accesses re-read identical bytes from the file.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,11 +23,12 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-#[test]
-fn starts_lazily_and_small() {
+/// Starts the real binary with `args` on a free port; returns its guard, pid and base URL.
+fn start(args: &[&str]) -> (Server, u32, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
         .args(["serve", "--port", "0", "--model"])
         .arg(model_path(SMOLLM2))
+        .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -36,23 +37,31 @@ fn starts_lazily_and_small() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let pid = child.id();
-    let _guard = Server(child);
-    let mut address = None;
-    for line in BufReader::new(stdout).lines().take(50) {
-        let line = line.unwrap();
-        if let Some(at) = line.find("http://127.0.0.1:") {
-            address = Some(
+    let guard = Server(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let base = lines
+        .by_ref()
+        .take(50)
+        .find_map(|line| {
+            let line = line.unwrap();
+            let at = line.find("http://127.0.0.1:")?;
+            Some(
                 line[at..]
                     .split_whitespace()
-                    .next()
-                    .unwrap()
+                    .next()?
                     .trim_end_matches("/v1")
                     .to_string(),
-            );
-            break;
-        }
-    }
-    let base = address.expect("duet prints the address it serves");
+            )
+        })
+        .expect("duet prints the address it serves");
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (guard, pid, base)
+}
+
+#[test]
+fn starts_lazily_and_small() {
+    let (_guard, pid, base) = start(&[]);
     let health = get_json(&format!("{base}/health"));
     assert_eq!(health["student"]["state"], "unloaded");
     let rss = rss_kib(pid);
@@ -62,7 +71,67 @@ fn starts_lazily_and_small() {
     );
 }
 
+/// The footprint estimated before loading is within 15% of the RSS measured after it, and
+/// unloading (keep_alive 0) brings RSS back within 20% of where it was before the load.
+#[test]
+fn estimate_matches_and_unload_returns_the_memory() {
+    let (_guard, pid, base) = start(&[]);
+    // Idle, as a server is once it has answered its first HTTP requests.
+    get_json(&format!("{base}/health"));
+    get_json(&format!("{base}/v1/models"));
+    let before = rss_kib(pid);
+    let body = serde_json::json!({"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 4, "keep_alive": 0,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    post_json(&format!("{base}/v1/chat/completions"), &body);
+    let mut health = get_json(&format!("{base}/health"));
+    for _ in 0..50 {
+        if health["student"]["state"] == "unloaded" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        health = get_json(&format!("{base}/health"));
+    }
+    assert_eq!(health["student"]["state"], "unloaded");
+    let after = rss_kib(pid);
+    assert!(
+        after as f64 <= before as f64 * 1.2,
+        "RSS {before} KiB before loading, {after} KiB after unloading"
+    );
+
+    // Load again and keep it, to read the estimate beside the measurement.
+    let mut keep = body.clone();
+    keep["keep_alive"] = serde_json::json!(-1);
+    post_json(&format!("{base}/v1/chat/completions"), &keep);
+    let health = get_json(&format!("{base}/health"));
+    let estimated = health["student"]["estimated_bytes"].as_f64().unwrap();
+    let measured = health["student"]["measured_rss_bytes"].as_f64().unwrap();
+    let error = (estimated - measured).abs() / measured;
+    assert!(
+        error < 0.15,
+        "estimate {estimated} vs measured {measured}: {:.0}% off",
+        error * 100.0
+    );
+}
+
 /// A blocking GET for a test that has no async runtime of its own.
+fn post_json(url: &str, body: &serde_json::Value) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::Client::new()
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+}
+
 fn get_json(url: &str) -> serde_json::Value {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -5,8 +5,8 @@ mod common;
 
 use common::{QWEN, SMOLLM2, model_path};
 use duet::backend::ChatMessage;
-use duet::student::loaded::LoadedModel;
 use duet::student::gguf::GgufHeader;
+use duet::student::loaded::LoadedModel;
 use duet::student::template::ChatTemplate;
 use duet::student::tokenizer::StudentTokenizer;
 

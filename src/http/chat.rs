@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
-use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
+use actix_web::http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue,
+};
 use actix_web::web::Bytes;
-use actix_web::{HttpResponse, ResponseError, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use futures::stream;
 
 use super::{AppState, read_body, unix_now};
@@ -17,6 +19,7 @@ use crate::openai::types::{
     ChunkChoice, Delta,
 };
 use crate::openai::validate::validate;
+use crate::rate_limit::ClientId;
 use crate::router::Backend;
 use crate::teacher::TeacherReply;
 use serde_json::Value;
@@ -29,8 +32,11 @@ const BACKEND_HEADER: &str = "x-duet-backend";
 
 pub async fn completions(
     state: web::Data<AppState>,
+    http: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, DuetError> {
+    let client = ClientId::of(bearer_token(&http), http.peer_addr().map(|a| a.ip()));
+    let rate_headers = state.rate_limits.check(client)?;
     let body = read_body(payload, state.max_body_bytes).await?;
     let request: Value = serde_json::from_slice(&body).map_err(|e| DuetError::InvalidRequest {
         message: format!("the request body is not valid JSON: {e}"),
@@ -44,16 +50,42 @@ pub async fn completions(
         .router
         .plan(model)
         .ok_or_else(|| DuetError::ModelNotFound(model.to_string()))?;
-    let (backend, result) = match answer(&state, &plan.first, &request).await {
+    let meter = || token_meter(&state, client);
+    let (backend, result) = match answer(&state, &plan.first, &request, meter()).await {
         Err(e) if e.allows_fallback() && plan.fallback.is_some() => {
             let fallback = plan.fallback.as_ref().expect("checked above");
             tracing::info!(reason = %e, to = fallback.name(), "falling back");
-            (fallback, answer(&state, fallback, &request).await)
+            (fallback, answer(&state, fallback, &request, meter()).await)
         }
         result => (&plan.first, result),
     };
-    let response = result.unwrap_or_else(|e| e.error_response());
-    Ok(with_backend(response, backend))
+    let mut response = with_backend(result.unwrap_or_else(|e| e.error_response()), backend);
+    for (name, value) in rate_headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
+    }
+    Ok(response)
+}
+
+/// Charges the tokens a completion generated to its client's token limits.
+type TokenMeter = Box<dyn FnOnce(u32) + Send>;
+
+fn token_meter(state: &web::Data<AppState>, client: ClientId) -> TokenMeter {
+    let state = state.clone();
+    Box::new(move |generated| state.rate_limits.charge_tokens(client, generated))
+}
+
+/// The token of `Authorization: Bearer <token>`, when present.
+fn bearer_token(http: &HttpRequest) -> Option<&str> {
+    http.headers()
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
 }
 
 /// Asks one backend; an error here means nothing was sent to the client yet.
@@ -61,6 +93,7 @@ async fn answer(
     state: &AppState,
     backend: &Backend,
     request: &Value,
+    meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
     let response = match backend {
         Backend::Student => {
@@ -83,9 +116,9 @@ async fn answer(
                 model: request.model,
             };
             if request.stream {
-                stream_response(generation, meta, request.include_usage)
+                stream_response(generation, meta, request.include_usage, meter)
             } else {
-                whole_response(generation, meta).await?
+                whole_response(generation, meta, meter).await?
             }
         }
         Backend::Teacher { upstream_model } => {
@@ -96,9 +129,14 @@ async fn answer(
             let mut upstream = request.clone();
             upstream["model"] = Value::String(upstream_model.clone());
             match teacher.forward(&upstream).await? {
-                TeacherReply::Body { status, body } => HttpResponse::build(status)
-                    .insert_header((CONTENT_TYPE, "application/json"))
-                    .body(body),
+                TeacherReply::Body { status, body } => {
+                    if state.rate_limits.limits_tokens() {
+                        meter(completion_tokens_in(&body));
+                    }
+                    HttpResponse::build(status)
+                        .insert_header((CONTENT_TYPE, "application/json"))
+                        .body(body)
+                }
                 TeacherReply::Stream(stream) => HttpResponse::Ok()
                     .insert_header((CONTENT_TYPE, "text/event-stream"))
                     .insert_header((CACHE_CONTROL, "no-cache"))
@@ -161,9 +199,18 @@ impl CompletionMeta {
     }
 }
 
+/// `usage.completion_tokens` of a teacher's JSON answer (0 when absent).
+fn completion_tokens_in(body: &[u8]) -> u32 {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["usage"]["completion_tokens"].as_u64())
+        .map_or(0, |n| n as u32)
+}
+
 async fn whole_response(
     mut generation: Generation,
     meta: CompletionMeta,
+    meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
     let mut content = String::new();
     loop {
@@ -173,6 +220,7 @@ async fn whole_response(
                 finish_reason,
                 usage,
             }) => {
+                meter(usage.completion_tokens);
                 return Ok(HttpResponse::Ok().json(ChatCompletion {
                     id: meta.id,
                     object: "chat.completion",
@@ -216,60 +264,71 @@ fn stream_response(
     generation: Generation,
     meta: CompletionMeta,
     include_usage: bool,
+    meter: TokenMeter,
 ) -> HttpResponse {
-    let state = (generation, meta, Phase::Role);
+    let state = (generation, meta, Phase::Role, Some(meter));
     // Dropping this stream (the client went away) drops the event receiver, which stops
     // the generation at its next token.
-    let body = stream::unfold(state, move |(mut generation, meta, phase)| async move {
-        let (bytes, next) = match phase {
-            Phase::Role => {
-                let role = Delta {
-                    role: Some("assistant"),
-                    content: Some(""),
-                };
-                (meta.chunk(role, None, include_usage), Phase::Deltas)
-            }
-            Phase::Deltas => {
-                match tokio::time::timeout(KEEP_ALIVE_EVERY, generation.events.recv()).await {
-                    Err(_) => (Bytes::from_static(sse::KEEP_ALIVE), Phase::Deltas),
-                    Ok(Some(GenEvent::Text(t))) => (
-                        meta.chunk(
-                            Delta {
-                                role: None,
-                                content: Some(&t),
-                            },
-                            None,
-                            include_usage,
+    let body = stream::unfold(
+        state,
+        move |(mut generation, meta, phase, mut meter)| async move {
+            let (bytes, next) = match phase {
+                Phase::Role => {
+                    let role = Delta {
+                        role: Some("assistant"),
+                        content: Some(""),
+                    };
+                    (meta.chunk(role, None, include_usage), Phase::Deltas)
+                }
+                Phase::Deltas => {
+                    match tokio::time::timeout(KEEP_ALIVE_EVERY, generation.events.recv()).await {
+                        Err(_) => (Bytes::from_static(sse::KEEP_ALIVE), Phase::Deltas),
+                        Ok(Some(GenEvent::Text(t))) => (
+                            meta.chunk(
+                                Delta {
+                                    role: None,
+                                    content: Some(&t),
+                                },
+                                None,
+                                include_usage,
+                            ),
+                            Phase::Deltas,
                         ),
-                        Phase::Deltas,
-                    ),
-                    Ok(Some(GenEvent::Done {
-                        finish_reason,
-                        usage,
-                    })) => {
-                        let next = if include_usage {
-                            Phase::Usage(usage)
-                        } else {
-                            Phase::Done
-                        };
-                        (
-                            meta.chunk(Delta::default(), Some(finish_reason), include_usage),
-                            next,
-                        )
-                    }
-                    Ok(Some(GenEvent::Error(e))) => (sse::event(&e.body()), Phase::Done),
-                    Ok(None) => {
-                        let e = DuetError::Internal("generation ended without finishing".into());
-                        (sse::event(&e.body()), Phase::Done)
+                        Ok(Some(GenEvent::Done {
+                            finish_reason,
+                            usage,
+                        })) => {
+                            if let Some(meter) = meter.take() {
+                                meter(usage.completion_tokens);
+                            }
+                            let next = if include_usage {
+                                Phase::Usage(usage)
+                            } else {
+                                Phase::Done
+                            };
+                            (
+                                meta.chunk(Delta::default(), Some(finish_reason), include_usage),
+                                next,
+                            )
+                        }
+                        Ok(Some(GenEvent::Error(e))) => (sse::event(&e.body()), Phase::Done),
+                        Ok(None) => {
+                            let e =
+                                DuetError::Internal("generation ended without finishing".into());
+                            (sse::event(&e.body()), Phase::Done)
+                        }
                     }
                 }
-            }
-            Phase::Usage(usage) => (meta.usage_chunk(usage), Phase::Done),
-            Phase::Done => (Bytes::from_static(sse::DONE), Phase::End),
-            Phase::End => return None,
-        };
-        Some((Ok::<_, actix_web::Error>(bytes), (generation, meta, next)))
-    });
+                Phase::Usage(usage) => (meta.usage_chunk(usage), Phase::Done),
+                Phase::Done => (Bytes::from_static(sse::DONE), Phase::End),
+                Phase::End => return None,
+            };
+            Some((
+                Ok::<_, actix_web::Error>(bytes),
+                (generation, meta, next, meter),
+            ))
+        },
+    );
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/event-stream"))
         .insert_header((CACHE_CONTROL, "no-cache"))

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use crate::admission::Admission;
 use crate::config::Mode;
 use crate::error::DuetError;
+use crate::rate_limit::RateLimits;
 use crate::router::Router;
 use crate::student::Student;
 use crate::teacher::Teacher;
@@ -26,6 +27,7 @@ pub struct AppState {
     pub router: Router,
     /// The memory ledger requests are admitted against.
     pub admission: Arc<Admission>,
+    pub rate_limits: RateLimits,
     pub mode: Mode,
     /// The teacher's base URL as `/health` shows it (without any credentials).
     pub teacher_url: Option<String>,

@@ -139,8 +139,10 @@ impl Engine {
                 let load_seconds = started.elapsed().as_secs_f64();
                 let measured = crate::memory::rss_bytes();
                 let f = model.footprint;
+                // Admission counts the estimate: it is what the budget check promised, and
+                // the measured RSS would also count whatever else shares this process.
                 self.admission.learn(ModelFacts {
-                    fixed_bytes: measured.max(f.fixed_bytes()),
+                    fixed_bytes: f.fixed_bytes(),
                     kv_bytes_per_token: f.kv_bytes_per_token,
                     context_length: f.context_length,
                 });
@@ -177,6 +179,7 @@ impl Engine {
     fn unload(&mut self) {
         self.loaded = None;
         crate::memory::release_free_memory();
+        crate::memory::release_code_pages();
         tracing::info!(rss = %crate::memory::human(crate::memory::rss_bytes()), "student unloaded after keep_alive");
         self.status.lock().expect("status lock").state = LoadState::Unloaded;
     }
