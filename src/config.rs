@@ -40,14 +40,35 @@ impl Default for MemoryConfig {
     }
 }
 
-/// Rate limits; 0 turns a limit off. Per client means per API key, else per address.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Rate limits (0 turns one off; per client means per API key, else per address) and
+/// input limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub requests_per_minute: u32,
     pub tokens_per_minute: u32,
     pub global_requests_per_minute: u32,
     pub global_tokens_per_minute: u32,
+    /// Most messages one request may hold.
+    pub max_messages: usize,
+    /// Cap on a request's max_tokens (0: only the context bounds it).
+    pub max_tokens: usize,
+    /// Over the cap: lower max_tokens to it (true) or refuse with 400 (false).
+    pub clamp_max_tokens: bool,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            global_requests_per_minute: 0,
+            global_tokens_per_minute: 0,
+            max_messages: 1024,
+            max_tokens: 0,
+            clamp_max_tokens: true,
+        }
+    }
 }
 
 /// `mode`: which backends serve requests.
@@ -123,6 +144,18 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// HTTP worker threads (0: one per CPU core). Generation never runs on them.
     pub workers: usize,
+    /// Keys clients must send as `Authorization: Bearer <key>` (none: no check).
+    pub api_keys: Vec<String>,
+    /// A file with more keys, one per line.
+    pub api_keys_file: String,
+    /// Allows binding a non-loopback address without keys.
+    pub allow_unauthenticated: bool,
+    /// Origins allowed to call duet from a browser (CORS); empty: none, `*`: any.
+    pub cors_origins: Vec<String>,
+    /// Longest wait for the next piece of a request body (408 beyond).
+    pub read_timeout_ms: u64,
+    /// On SIGTERM or Ctrl-C, how long in-flight answers may take to finish.
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +180,12 @@ impl Default for ServerConfig {
             port: 8080,
             max_body_bytes: 4 * 1024 * 1024,
             workers: 0,
+            api_keys: vec![],
+            api_keys_file: String::new(),
+            allow_unauthenticated: false,
+            cors_origins: vec![],
+            read_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -277,6 +316,35 @@ impl Config {
         let bad = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
         if self.server.host.trim().is_empty() {
             return bad("server.host", "must not be empty".into());
+        }
+        let loopback = match self.server.host.as_str() {
+            "localhost" => true,
+            host => host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()),
+        };
+        if !loopback
+            && self.server.api_keys.is_empty()
+            && self.server.api_keys_file.is_empty()
+            && !self.server.allow_unauthenticated
+        {
+            return bad(
+                "server.host",
+                format!(
+                    "{} is reachable from other machines and no API keys are set: set server.api_keys \
+                     (or server.api_keys_file), or pass --allow-unauthenticated to serve everyone",
+                    self.server.host
+                ),
+            );
+        }
+        if self.server.read_timeout_ms == 0 {
+            return bad(
+                "server.read_timeout_ms",
+                "must be at least 1 millisecond".into(),
+            );
+        }
+        if self.limits.max_messages == 0 {
+            return bad("limits.max_messages", "must be at least 1".into());
         }
         if self.server.max_body_bytes < 1024 {
             return bad(
@@ -545,11 +613,11 @@ mod tests {
                 ("DUET_SERVER_PORT", "9000"),
                 ("STUDENT_MAX_NEW_TOKENS", "20"),
             ]),
-            &[("server.host", "0.0.0.0".into())],
+            &[("server.host", "::1".into())],
         )
         .unwrap();
         assert_eq!(c.server.port, 9000);
-        assert_eq!(c.server.host, "0.0.0.0");
+        assert_eq!(c.server.host, "::1");
         assert_eq!(c.student.max_new_tokens, 20);
         let c = load(
             Some(&file),
@@ -702,5 +770,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mode") && err.contains("solo"), "{err}");
+    }
+
+    #[test]
+    fn every_shipped_profile_loads() {
+        let dir = repo_file("config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                // Model paths in the profiles are relative to the repository root.
+                let text = std::fs::read_to_string(&path).unwrap();
+                let text = text.replace(
+                    "\"models/",
+                    &format!("\"{}/models/", env!("CARGO_MANIFEST_DIR")),
+                );
+                let file = tempfile::NamedTempFile::new().unwrap();
+                std::fs::write(file.path(), text).unwrap();
+                load(Some(file.path()), env(&[]), &[])
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 5, "default plus the four memory profiles");
+    }
+
+    #[test]
+    fn other_machines_need_keys_or_an_explicit_yes() {
+        let model = existing_model();
+        let base = [
+            ("DUET_STUDENT_MODEL", model.as_str()),
+            ("DUET_SERVER_HOST", "0.0.0.0"),
+        ];
+        let err = load(None, env(&base), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("server.host") && err.contains("--allow-unauthenticated"),
+            "{err}"
+        );
+        let with_keys = [base[0], base[1], ("DUET_SERVER_API_KEYS", "k1,k2")];
+        assert_eq!(
+            load(None, env(&with_keys), &[]).unwrap().server.api_keys,
+            vec!["k1", "k2"]
+        );
+        let allowed = load(
+            None,
+            env(&base),
+            &[("server.allow_unauthenticated", "true".into())],
+        );
+        assert!(allowed.is_ok());
+        assert!(
+            load(
+                None,
+                env(&[base[0], ("DUET_SERVER_HOST", "localhost")]),
+                &[]
+            )
+            .is_ok()
+        );
     }
 }

@@ -31,9 +31,21 @@ pub enum DuetError {
     /// The requested model is not served here (404).
     #[error("the model `{0}` does not exist; GET /v1/models lists the models duet serves")]
     ModelNotFound(String),
+    /// A missing or wrong client API key (401).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The body is not JSON (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The client stopped sending its body (408).
+    #[error("the request body stalled for more than {0} ms (server.read_timeout_ms)")]
+    RequestTimeout(u64),
+    /// duet is shutting down; sent as the last event of streams cut at the end of the grace period.
+    #[error("duet is shutting down; retry against a running instance")]
+    ShuttingDown,
     /// No such path (or method) here (404).
     #[error(
-        "no endpoint {0}; duet serves POST /v1/chat/completions, GET /v1/models and GET /health"
+        "no endpoint {0}; duet serves POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
     )]
     UnknownEndpoint(String),
     /// The body is larger than `server.max_body_bytes` (413).
@@ -123,6 +135,22 @@ impl DuetError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
+            ),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, INVALID, Some("invalid_api_key")),
+            Self::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                INVALID,
+                Some("unsupported_media_type"),
+            ),
+            Self::RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                INVALID,
+                Some("request_timeout"),
+            ),
+            Self::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("shutting_down"),
             ),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         }

@@ -31,6 +31,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub server: actix_web::dev::Server,
     pub state: web::Data<AppState>,
+    /// Set to `true` when the shutdown grace period is over: open streams then end.
+    pub end_streams: tokio::sync::watch::Sender<bool>,
 }
 
 /// Binds the listener and builds the app; no model weights are read here.
@@ -42,6 +44,9 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
     let keep_alive =
         memory::KeepAlive::parse(&config.memory.keep_alive).map_err(std::io::Error::other)?;
     let admission = Admission::new(budget);
+    let client_keys =
+        Arc::new(http::auth::ClientKeys::load(&config.server).map_err(std::io::Error::other)?);
+    let (end_streams, shutdown) = tokio::sync::watch::channel(false);
     let student = (config.mode != Mode::Teacher).then(|| {
         Arc::new(Student::start(
             &config.student,
@@ -70,16 +75,32 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
         router: Router::new(config),
         admission,
         rate_limits: rate_limit::RateLimits::new(&config.limits),
+        metrics: http::metrics::Metrics::new(),
         mode: config.mode,
         started_at: http::unix_now(),
         max_body_bytes: config.server.max_body_bytes,
+        read_timeout: std::time::Duration::from_millis(config.server.read_timeout_ms),
+        input_limits: config.limits.clone(),
+        client_keys,
+        shutdown,
     });
     let app_state = state.clone();
+    let cors_origins = config.server.cors_origins.clone();
+    let grace = std::time::Duration::from_millis(config.server.shutdown_grace_ms);
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
+            .wrap(actix_web::middleware::from_fn(http::auth::require_key))
+            .wrap(http::cors(&cors_origins))
             .configure(http::routes)
     })
+    // main.rs turns SIGTERM and Ctrl-C into a graceful stop; streams still open when the
+    // grace period ends are closed properly, so actix only needs a little longer.
+    .disable_signals()
+    // A client that closes its connection is gone: dropping its request at once releases
+    // its queue slot and memory reservation instead of generating for nobody.
+    .h1_allow_half_closed(false)
+    .shutdown_timeout(grace.as_secs() + 2)
     .bind((config.server.host.as_str(), config.server.port))?;
     if config.server.workers > 0 {
         server = server.workers(config.server.workers);
@@ -89,6 +110,7 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
         addr,
         server: server.run(),
         state,
+        end_streams,
     })
 }
 

@@ -20,6 +20,9 @@ struct Cli {
     /// A TOML configuration file (see config/default.toml).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve a non-loopback address without API keys (server.allow_unauthenticated).
+    #[arg(long, global = true)]
+    allow_unauthenticated: bool,
     /// Who answers: student, teacher or hybrid (mode).
     #[arg(long, global = true, value_name = "MODE")]
     mode: Option<String>,
@@ -50,6 +53,9 @@ async fn main() -> std::process::ExitCode {
     overrides.extend(cli.port.map(|p| ("server.port", p.to_string())));
     overrides.extend(cli.model.map(|m| ("student.model", m)));
     overrides.extend(cli.mode.map(|m| ("mode", m)));
+    if cli.allow_unauthenticated {
+        overrides.push(("server.allow_unauthenticated", "true".into()));
+    }
     let file = cli.config.or_else(duet::config::Config::file_from_env);
     let config = match duet::config::load(file.as_deref(), std::env::vars(), &overrides) {
         Ok(c) => c,
@@ -74,11 +80,34 @@ async fn main() -> std::process::ExitCode {
         "duet is serving the OpenAI API at http://{}/v1",
         running.addr
     );
+    let grace = std::time::Duration::from_millis(config.server.shutdown_grace_ms);
+    let handle = running.server.handle();
+    let end_streams = running.end_streams;
+    actix_web::rt::spawn(async move {
+        let signal = stop_signal().await;
+        tracing::info!(%signal, grace_ms = grace.as_millis() as u64, "stopping: no new connections; answers in flight may finish");
+        let stop = handle.stop(true);
+        actix_web::rt::spawn(async move {
+            actix_web::rt::time::sleep(grace).await;
+            let _ = end_streams.send(true);
+        });
+        stop.await;
+    });
     match running.server.await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("duet: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Waits for SIGTERM or Ctrl-C (SIGINT) and says which came.
+async fn stop_signal() -> &'static str {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
     }
 }

@@ -160,10 +160,6 @@ impl RateLimits {
             limit.drain(client, generated.saturating_sub(1));
         }
     }
-
-    pub fn limits_tokens(&self) -> bool {
-        !self.tokens.is_empty()
-    }
 }
 
 fn describe(kind: &'static str, limit: u32, remaining: u32) -> RateHeaders {

@@ -249,6 +249,12 @@ fn teacher_config(mode: Mode, base: &str, model: &str) -> Config {
     config.teacher.base_url = base.to_string();
     config.teacher.api_key_env = KEY_VAR.into();
     config.teacher.model = model.into();
+    config
+}
+
+/// Settings for a duet in front of the fault upstream: short limits so `slow` times out.
+fn fault_config(mode: Mode, model: &str) -> Config {
+    let mut config = teacher_config(mode, &fault_upstream().base, model);
     config.teacher.first_byte_timeout_ms = 800;
     config.teacher.chunk_timeout_ms = 2000;
     config
@@ -263,13 +269,7 @@ fn real_teacher() -> &'static str {
 /// A teacher-mode duet in front of the fault upstream.
 fn proxy() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        spawn(teacher_config(
-            Mode::Teacher,
-            &fault_upstream().base,
-            "healthy",
-        ))
-    })
+    URL.get_or_init(|| spawn(fault_config(Mode::Teacher, "healthy")))
 }
 
 async fn post(base: &str, body: Value) -> reqwest::Response {
@@ -519,7 +519,7 @@ async fn healthy_stream_is_relayed_event_by_event() {
 #[tokio::test]
 async fn teacher_first_falls_back_to_the_student() {
     for failing in ["slow", "error500", "ratelimit"] {
-        let mut config = teacher_config(Mode::Hybrid, &fault_upstream().base, failing);
+        let mut config = fault_config(Mode::Hybrid, failing);
         config.teacher.policy = Policy::TeacherFirst;
         config.teacher.retries = 0;
         let hybrid = spawn(config);
@@ -534,11 +534,7 @@ async fn teacher_first_falls_back_to_the_student() {
 #[tokio::test]
 async fn student_first_hands_the_teacher_what_it_cannot_do() {
     // The student cannot call tools: the request goes to the teacher.
-    let hybrid = spawn(teacher_config(
-        Mode::Hybrid,
-        &fault_upstream().base,
-        "healthy",
-    ));
+    let hybrid = spawn(fault_config(Mode::Hybrid, "healthy"));
     let mut body = ask("local");
     body["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
     let resp = post(&hybrid, body).await;
@@ -555,7 +551,7 @@ async fn student_that_fails_to_load_hands_over_to_the_teacher() {
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.gguf");
     std::fs::write(&broken, b"GGUF but not really").unwrap();
-    let mut config = teacher_config(Mode::Hybrid, &fault_upstream().base, "healthy");
+    let mut config = fault_config(Mode::Hybrid, "healthy");
     config.student.model = broken.display().to_string();
     let hybrid = spawn(config);
     for body in [ask("local"), ask_stream("local")] {

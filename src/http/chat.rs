@@ -10,6 +10,7 @@ use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use futures::stream;
 
+use super::shutdown::{ShutdownSignal, until_shutdown};
 use super::{AppState, read_body, unix_now};
 use crate::backend::{ChatBackend, FinishReason, GenEvent, Generation, Usage};
 use crate::error::DuetError;
@@ -37,7 +38,21 @@ pub async fn completions(
 ) -> Result<HttpResponse, DuetError> {
     let client = ClientId::of(bearer_token(&http), http.peer_addr().map(|a| a.ip()));
     let rate_headers = state.rate_limits.check(client)?;
-    let body = read_body(payload, state.max_body_bytes).await?;
+    if let Some(content_type) = http.headers().get(CONTENT_TYPE) {
+        let content_type = content_type.to_str().unwrap_or("").to_ascii_lowercase();
+        if !content_type.starts_with("application/json") {
+            return Err(DuetError::UnsupportedMediaType(format!(
+                "the body must be JSON sent as `Content-Type: application/json`, not `{content_type}`"
+            )));
+        }
+    }
+    let body = read_body(payload, state.max_body_bytes, state.read_timeout).await?;
+    if std::str::from_utf8(&body).is_err() {
+        return Err(DuetError::invalid(
+            "body",
+            "the request body is not valid UTF-8",
+        ));
+    }
     let request: Value = serde_json::from_slice(&body).map_err(|e| DuetError::InvalidRequest {
         message: format!("the request body is not valid JSON: {e}"),
         param: None,
@@ -50,16 +65,31 @@ pub async fn completions(
         .router
         .plan(model)
         .ok_or_else(|| DuetError::ModelNotFound(model.to_string()))?;
-    let meter = || token_meter(&state, client);
-    let (backend, result) = match answer(&state, &plan.first, &request, meter()).await {
+    let meter = |backend: &Backend| token_meter(&state, client, backend.name());
+    let first = &plan.first;
+    let (backend, result) = match answer(&state, first, &request, meter(first)).await {
         Err(e) if e.allows_fallback() && plan.fallback.is_some() => {
             let fallback = plan.fallback.as_ref().expect("checked above");
             tracing::info!(reason = %e, to = fallback.name(), "falling back");
-            (fallback, answer(&state, fallback, &request, meter()).await)
+            state
+                .metrics
+                .fallbacks
+                .with_label_values(&[first.name(), fallback.name()])
+                .inc();
+            (
+                fallback,
+                answer(&state, fallback, &request, meter(fallback)).await,
+            )
         }
-        result => (&plan.first, result),
+        result => (first, result),
     };
     let mut response = with_backend(result.unwrap_or_else(|e| e.error_response()), backend);
+    let status = response.status();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[backend.name(), status.as_str()])
+        .inc();
     for (name, value) in rate_headers {
         if let Ok(value) = HeaderValue::from_str(&value) {
             response
@@ -73,9 +103,16 @@ pub async fn completions(
 /// Charges the tokens a completion generated to its client's token limits.
 type TokenMeter = Box<dyn FnOnce(u32) + Send>;
 
-fn token_meter(state: &web::Data<AppState>, client: ClientId) -> TokenMeter {
+fn token_meter(state: &web::Data<AppState>, client: ClientId, backend: &'static str) -> TokenMeter {
     let state = state.clone();
-    Box::new(move |generated| state.rate_limits.charge_tokens(client, generated))
+    Box::new(move |generated| {
+        state.rate_limits.charge_tokens(client, generated);
+        state
+            .metrics
+            .generated_tokens
+            .with_label_values(&[backend])
+            .inc_by(u64::from(generated));
+    })
 }
 
 /// The token of `Authorization: Bearer <token>`, when present.
@@ -108,7 +145,7 @@ async fn answer(
                     ),
                     param: None,
                 })?;
-            let request = validate(wire)?;
+            let request = validate(wire, &state.input_limits)?;
             let generation = student.generate(request.generation).await?;
             let meta = CompletionMeta {
                 id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -116,7 +153,13 @@ async fn answer(
                 model: request.model,
             };
             if request.stream {
-                stream_response(generation, meta, request.include_usage, meter)
+                stream_response(
+                    generation,
+                    meta,
+                    request.include_usage,
+                    meter,
+                    state.shutdown.clone(),
+                )
             } else {
                 whole_response(generation, meta, meter).await?
             }
@@ -130,9 +173,7 @@ async fn answer(
             upstream["model"] = Value::String(upstream_model.clone());
             match teacher.forward(&upstream).await? {
                 TeacherReply::Body { status, body } => {
-                    if state.rate_limits.limits_tokens() {
-                        meter(completion_tokens_in(&body));
-                    }
+                    meter(completion_tokens_in(&body));
                     HttpResponse::build(status)
                         .insert_header((CONTENT_TYPE, "application/json"))
                         .body(body)
@@ -140,7 +181,7 @@ async fn answer(
                 TeacherReply::Stream(stream) => HttpResponse::Ok()
                     .insert_header((CONTENT_TYPE, "text/event-stream"))
                     .insert_header((CACHE_CONTROL, "no-cache"))
-                    .streaming(stream.into_body()),
+                    .streaming(until_shutdown(stream.into_body(), state.shutdown.clone())),
             }
         }
     };
@@ -265,6 +306,7 @@ fn stream_response(
     meta: CompletionMeta,
     include_usage: bool,
     meter: TokenMeter,
+    shutdown: ShutdownSignal,
 ) -> HttpResponse {
     let state = (generation, meta, Phase::Role, Some(meter));
     // Dropping this stream (the client went away) drops the event receiver, which stops
@@ -332,5 +374,5 @@ fn stream_response(
     HttpResponse::Ok()
         .insert_header((CONTENT_TYPE, "text/event-stream"))
         .insert_header((CACHE_CONTROL, "no-cache"))
-        .streaming(body)
+        .streaming(until_shutdown(body, shutdown))
 }

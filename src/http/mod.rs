@@ -1,9 +1,12 @@
 //! The HTTP edge: routes, shared state, and the OpenAI-shaped answers to requests that
 //! never reach a handler (unknown paths, wrong methods).
 
+pub mod auth;
 pub mod chat;
 pub mod health;
+pub mod metrics;
 pub mod models;
+pub mod shutdown;
 
 use std::sync::Arc;
 
@@ -28,17 +31,44 @@ pub struct AppState {
     /// The memory ledger requests are admitted against.
     pub admission: Arc<Admission>,
     pub rate_limits: RateLimits,
+    pub metrics: metrics::Metrics,
     pub mode: Mode,
     /// The teacher's base URL as `/health` shows it (without any credentials).
     pub teacher_url: Option<String>,
     /// When this server started (the `created` time of its model cards).
     pub started_at: u64,
     pub max_body_bytes: usize,
+    /// Longest wait for the next piece of a request body.
+    pub read_timeout: std::time::Duration,
+    pub input_limits: crate::config::LimitsConfig,
+    pub client_keys: Arc<auth::ClientKeys>,
+    /// Fires when the shutdown grace period is over.
+    pub shutdown: shutdown::ShutdownSignal,
+}
+
+/// CORS for the configured browser origins: none (off), some, or `*` (any).
+pub fn cors(origins: &[String]) -> actix_web::middleware::Condition<actix_cors::Cors> {
+    let mut cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST", "OPTIONS"])
+        .allowed_headers([
+            actix_web::http::header::AUTHORIZATION,
+            actix_web::http::header::CONTENT_TYPE,
+        ])
+        .max_age(3600);
+    for origin in origins {
+        cors = if origin == "*" {
+            cors.allow_any_origin()
+        } else {
+            cors.allowed_origin(origin)
+        };
+    }
+    actix_web::middleware::Condition::new(!origins.is_empty(), cors)
 }
 
 /// Mounts every endpoint.
 pub fn routes(cfg: &mut ServiceConfig) {
     cfg.route("/health", web::get().to(health::health))
+        .route("/metrics", web::get().to(metrics::metrics))
         .route("/v1/models", web::get().to(models::list))
         .route("/v1/models/{id:.*}", web::get().to(models::get))
         .route("/v1/chat/completions", web::post().to(chat::completions))
@@ -49,10 +79,21 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     DuetError::UnknownEndpoint(format!("{} {}", req.method(), req.path())).error_response()
 }
 
-/// Reads the whole body, refusing it with 413 as soon as it passes `limit`.
-pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes, DuetError> {
+/// Reads the whole body, refusing it with 413 as soon as it passes `limit` and with 408
+/// when the client stalls longer than `timeout` between two pieces.
+pub async fn read_body(
+    mut payload: web::Payload,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<web::Bytes, DuetError> {
     let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
+    loop {
+        let next = tokio::time::timeout(timeout, payload.next())
+            .await
+            .map_err(|_| DuetError::RequestTimeout(timeout.as_millis() as u64))?;
+        let Some(chunk) = next else {
+            return Ok(body.freeze());
+        };
         let chunk = chunk.map_err(|e| {
             DuetError::invalid("body", format!("could not read the request body: {e}"))
         })?;
@@ -61,7 +102,6 @@ pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::B
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
 }
 
 /// Seconds since the Unix epoch, for `created` fields.

@@ -3,6 +3,7 @@
 
 use super::types::{ChatCompletionRequest, MessageContent, StopField};
 use crate::backend::{ChatMessage, GenerationRequest, SamplingParams};
+use crate::config::LimitsConfig;
 use crate::error::DuetError;
 use crate::memory::KeepAlive;
 
@@ -26,7 +27,20 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("audio", "audio output is not supported by the local model"),
 ];
 
-pub fn validate(req: ChatCompletionRequest) -> Result<ValidChatRequest, DuetError> {
+pub fn validate(
+    req: ChatCompletionRequest,
+    limits: &LimitsConfig,
+) -> Result<ValidChatRequest, DuetError> {
+    if req.messages.len() > limits.max_messages {
+        return Err(DuetError::invalid(
+            "messages",
+            format!(
+                "{} messages are more than the limit of {} (limits.max_messages)",
+                req.messages.len(),
+                limits.max_messages
+            ),
+        ));
+    }
     if req.messages.is_empty() {
         return Err(DuetError::invalid(
             "messages",
@@ -128,7 +142,20 @@ pub fn validate(req: ChatCompletionRequest) -> Result<ValidChatRequest, DuetErro
                 format!("{field} must be at least 1 (got {n})"),
             ));
         }
+        Some((field, n)) if limits.max_tokens > 0 && n as usize > limits.max_tokens => {
+            if !limits.clamp_max_tokens {
+                return Err(DuetError::invalid(
+                    field,
+                    format!(
+                        "{field} {n} is over the limit of {} (limits.max_tokens)",
+                        limits.max_tokens
+                    ),
+                ));
+            }
+            Some(limits.max_tokens)
+        }
         Some((_, n)) => Some(n as usize),
+        None if limits.max_tokens > 0 => Some(limits.max_tokens),
         None => None,
     };
 
@@ -193,7 +220,10 @@ mod tests {
     use super::*;
 
     fn parse(json: serde_json::Value) -> Result<ValidChatRequest, DuetError> {
-        validate(serde_json::from_value(json).expect("wire shape"))
+        validate(
+            serde_json::from_value(json).expect("wire shape"),
+            &LimitsConfig::default(),
+        )
     }
 
     #[test]
@@ -270,5 +300,38 @@ mod tests {
         assert_eq!(r.generation.max_tokens, Some(3));
         assert_eq!(r.generation.stop, vec!["\n".to_string()]);
         assert!(r.include_usage);
+    }
+
+    #[test]
+    fn input_limits_cap_messages_and_max_tokens() {
+        let msgs: Vec<_> = (0..3)
+            .map(|_| serde_json::json!({"role": "user", "content": "x"}))
+            .collect();
+        let wire = |max_tokens: u32| {
+            serde_json::from_value(
+                serde_json::json!({"model": "m", "messages": msgs, "max_tokens": max_tokens}),
+            )
+            .unwrap()
+        };
+        let mut limits = LimitsConfig {
+            max_messages: 2,
+            ..LimitsConfig::default()
+        };
+        assert!(matches!(
+            validate(wire(5), &limits),
+            Err(DuetError::InvalidRequest { .. })
+        ));
+        limits.max_messages = 10;
+        limits.max_tokens = 100;
+        assert_eq!(
+            validate(wire(500), &limits).unwrap().generation.max_tokens,
+            Some(100),
+            "clamped"
+        );
+        limits.clamp_max_tokens = false;
+        match validate(wire(500), &limits) {
+            Err(e) => assert!(e.to_string().contains("limits.max_tokens"), "{e}"),
+            Ok(_) => panic!("refused when not clamping"),
+        }
     }
 }
