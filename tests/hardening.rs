@@ -397,7 +397,9 @@ fn sigterm_lets_short_answers_finish_and_ends_long_streams_cleanly() {
         rt.spawn(async move {
             let mut body = ask(3000);
             body["stream"] = json!(true);
+            // Greedy, this prompt runs past 600 tokens: still going when the grace ends.
             body["messages"][0]["content"] = json!("Write a very long story about the sea.");
+            body["temperature"] = json!(0);
             let resp = reqwest::Client::new()
                 .post(format!("{base}/v1/chat/completions"))
                 .json(&body)

@@ -38,6 +38,9 @@ async fn post(base: &str, body: &Value) -> reqwest::Response {
 async fn occupy(base: &str) -> impl futures::Stream<Item = reqwest::Result<actix_web::web::Bytes>> {
     let mut body = ask(3000);
     body["stream"] = json!(true);
+    // Greedy, this prompt runs past 600 tokens (seconds of work) before it could stop.
+    body["temperature"] = json!(0);
+    body["messages"][0]["content"] = json!("Write a very long story about the sea.");
     let mut stream = post(base, &body).await.bytes_stream();
     stream.next().await.unwrap().unwrap();
     stream
