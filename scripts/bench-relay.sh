@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 conns="${1:-50}"
 secs="${2:-10}"
-command -v wrk >/dev/null && command -v nginx >/dev/null || apt-get install -y -q wrk nginx-light >/dev/null
+command -v wrk >/dev/null && command -v nginx >/dev/null && command -v ab >/dev/null ||
+  apt-get install -y -q wrk nginx-light apache2-utils >/dev/null
 [ -x target/release/duet ] || cargo build --release --quiet
 
 work="$(mktemp -d)"
@@ -43,12 +44,8 @@ cat > "$work/post.lua" <<'LUA'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"fake","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8}'
-local limit = tonumber(os.getenv("LIMIT") or "0")
-local count = 0
 response = function(status, headers, body)
   if status ~= 200 then io.stderr:write("status " .. status .. "\n") end
-  count = count + 1
-  if limit > 0 and count >= limit then wrk.thread:stop() end
 end
 LUA
 
@@ -67,7 +64,9 @@ read -r d50 d99 drps < <(load "http://127.0.0.1:$up_port")
 read -r r50 r99 rrps < <(load "http://127.0.0.1:$duet_port")
 
 rss() { awk '/^VmRSS/{print $2/1024}' "/proc/$duet_pid/status"; }
-relay_n() { LIMIT="$1" wrk -t1 -c"$conns" -d600s -s "$work/post.lua" "http://127.0.0.1:$duet_port/v1/chat/completions" >/dev/null; }
+printf '%s' '{"model":"fake","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8}' > "$work/body.json"
+relay_n() { ab -q -k -n "$1" -c "$conns" -p "$work/body.json" -T application/json \
+  "http://127.0.0.1:$duet_port/v1/chat/completions" | grep -E "^(Failed|Non-2xx)" >&2 || true; }
 kill "$duet_pid"; wait "$duet_pid" 2>/dev/null || true
 RUST_LOG=warn DUET_MODE=teacher TEACHER_BASE_URL="http://127.0.0.1:$up_port/v1" TEACHER_MODEL=fake \
   target/release/duet serve --port "$duet_port" & duet_pid=$!
