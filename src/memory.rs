@@ -58,13 +58,8 @@ pub fn parse_budget(text: &str, available: u64) -> Result<u64, String> {
         }
         return Ok((available as f64 * p / 100.0) as u64);
     }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size such as 2GiB, 512MB or 50%"))?;
+    let (n, unit) = number_and_unit(t)
+        .ok_or_else(|| format!("`{text}` is not a size such as 2GiB, 512MB or 50%"))?;
     let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -84,6 +79,15 @@ pub fn parse_budget(text: &str, available: u64) -> Result<u64, String> {
         return Err(format!("`{text}` leaves no memory at all"));
     }
     Ok(bytes)
+}
+
+/// `"1.5 GiB"` -> `(1.5, "GiB")`: a leading number and the (trimmed) unit after it.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    Some((number.parse().ok()?, unit.trim()))
 }
 
 /// Writes bytes the way people read them: `1.25 GiB`, `96.6 MiB`.
@@ -117,13 +121,8 @@ impl KeepAlive {
         if t.starts_with('-') {
             return Ok(Self::Never);
         }
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
-        let (number, unit) = t.split_at(split);
-        let n: f64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration such as 5m, 30s or -1"))?;
+        let (n, unit) = number_and_unit(t)
+            .ok_or_else(|| format!("`{text}` is not a duration such as 5m, 30s or -1"))?;
         let seconds = match unit.trim() {
             "" | "s" => n,
             "ms" => n / 1000.0,

@@ -11,7 +11,7 @@ use async_openai::types::chat::{
     ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
     FinishReason, StopConfiguration,
 };
-use common::{SMOLLM2, client, config_for, model_id, smollm2, spawn};
+use common::{SMOLLM2, client, config_for, health, model_id, smollm2, spawn};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -314,15 +314,6 @@ async fn models_are_listed() {
         .await
         .unwrap();
     assert_eq!(one.id, model_id(SMOLLM2));
-}
-
-async fn health(base: &str) -> Value {
-    reqwest::get(format!("{base}/health"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// A fresh server loads nothing until asked, then loads once for twenty simultaneous requests.

@@ -7,18 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{SMOLLM2, config_for, model_id, spawn};
+use common::{SMOLLM2, config_for, health, model_id, spawn};
 use futures::StreamExt;
 use serde_json::{Value, json};
-
-async fn health(base: &str) -> Value {
-    reqwest::get(format!("{base}/health"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
 
 fn ask(max_tokens: u32) -> Value {
     json!({"model": model_id(SMOLLM2), "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],

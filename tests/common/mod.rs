@@ -66,3 +66,13 @@ pub fn client(base: &str) -> Client<OpenAIConfig> {
 pub fn model_id(file: &str) -> String {
     file.trim_end_matches(".gguf").to_string()
 }
+
+/// `GET /health` as JSON.
+pub async fn health(base: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
