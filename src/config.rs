@@ -169,7 +169,7 @@ pub struct StudentConfig {
     pub max_new_tokens: usize,
     /// Longest sequence (prompt + completion) accepted; capped by what the model was trained for.
     pub context_length: usize,
-    /// Requests that may wait for the model; more are answered 503 with Retry-After.
+    /// Requests that may wait for the model; more are answered 429 with Retry-After.
     pub queue_size: usize,
 }
 
