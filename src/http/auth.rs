@@ -4,7 +4,7 @@
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::AUTHORIZATION;
+use actix_web::http::header::{AUTHORIZATION, HeaderMap};
 use actix_web::middleware::Next;
 use actix_web::{ResponseError, web};
 use subtle::ConstantTimeEq;
@@ -75,12 +75,7 @@ pub async fn require_key(
             .await
             .map(ServiceResponse::map_into_boxed_body);
     }
-    let token = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let token = bearer_token(req.headers());
     let accepted = match (token, &keys) {
         (Some(token), Some(keys)) => keys.accepts(token.as_bytes()),
         _ => false,
@@ -97,6 +92,16 @@ pub async fn require_key(
         DuetError::Unauthorized(MISSING)
     };
     Ok(req.into_response(error.error_response()))
+}
+
+/// The token of `Authorization: Bearer <token>`, when present.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
 }
 
 const MISSING: &str =

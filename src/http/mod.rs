@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod chat;
+pub mod completion;
 pub mod health;
 pub mod metrics;
 pub mod models;
