@@ -31,37 +31,36 @@ pub struct CompletionMeta {
 }
 
 impl CompletionMeta {
+    /// A chunk carrying one choice's delta; `usage: null` on it when usage was asked for.
     fn chunk(
         &self,
         delta: Delta<'_>,
         finish_reason: Option<FinishReason>,
         include_usage: bool,
     ) -> Bytes {
-        sse::event(&ChatCompletionChunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            system_fingerprint: None,
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason,
-                logprobs: None,
-            }],
-            usage: include_usage.then_some(None),
-        })
+        let choice = ChunkChoice {
+            index: 0,
+            delta,
+            finish_reason,
+            logprobs: None,
+        };
+        self.event(vec![choice], include_usage.then_some(None))
     }
 
+    /// The chunk before `[DONE]` that carries usage and no choices.
     fn usage_chunk(&self, usage: Usage) -> Bytes {
+        self.event(vec![], Some(Some(usage)))
+    }
+
+    fn event(&self, choices: Vec<ChunkChoice<'_>>, usage: Option<Option<Usage>>) -> Bytes {
         sse::event(&ChatCompletionChunk {
             id: &self.id,
             object: "chat.completion.chunk",
             created: self.created,
             model: &self.model,
             system_fingerprint: None,
-            choices: vec![],
-            usage: Some(Some(usage)),
+            choices,
+            usage,
         })
     }
 }
