@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""duet beside llama.cpp's server on the same GGUF, the same thread count, the same CPU.
+
+Installs llama.cpp's server from PyPI (llama-cpp-python[server], compiled from source, about
+five minutes) into a virtual environment outside the repository (~/.cache/duet-bench/venv),
+serves the same GGUF with both servers, and sends them the same streamed greedy requests in
+alternation: a ~500-token prompt whose first words change every round (so no prompt cache
+helps either side) and 128 generated tokens. Prints the medians of time to first token,
+prefill tok/s and decode tok/s for both, the ratios duet/llama.cpp, and each server's peak RSS.
+
+usage: scripts/bench-vs-llamacpp.py [--rounds 5] [--threads 2] MODEL.gguf...
+"""
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DUET = os.path.join(ROOT, "target", "release", "duet")
+VENV = os.path.expanduser("~/.cache/duet-bench/venv")
+PARAGRAPH = (
+    "The lighthouse keeper climbed the spiral stairs each evening, counting the steps and "
+    "listening to the sea. Ships passed far out on the horizon, their lights small and steady, "
+    "and the keeper wrote their names in a worn notebook beside the date and the weather. "
+)
+
+
+def ensure_llamacpp():
+    python = os.path.join(VENV, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.check_call([sys.executable, "-m", "venv", VENV])
+    try:
+        subprocess.check_call([python, "-c", "import llama_cpp.server"], stderr=subprocess.DEVNULL)
+    except subprocess.CalledProcessError:
+        print("installing llama-cpp-python[server] (compiles llama.cpp, ~5 min)...", file=sys.stderr)
+        subprocess.check_call([python, "-m", "pip", "install", "-q", "llama-cpp-python[server]==0.3.36"])
+    return python
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(port, proc):
+    for _ in range(600):
+        if proc.poll() is not None:
+            sys.exit("a server exited during start-up")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/v1/models")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit("a server did not start")
+
+
+def peak_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+
+
+def round_trip(port, model, prefix, max_tokens):
+    prompt = f"Note {prefix}. " + PARAGRAPH * 8 + "Summarise the notes above in a few sentences."
+    body = json.dumps({"model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": prompt}]})
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start = time.perf_counter()
+    c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse()
+    stamps = []
+    for raw in r:
+        line = raw.decode(errors="replace").strip()
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            if any(ch.get("delta", {}).get("content") for ch in chunk.get("choices", [])):
+                stamps.append(time.perf_counter())
+    return start, stamps
+
+
+def bench(model_path, rounds, threads, llama_python):
+    name = os.path.basename(model_path).removesuffix(".gguf")
+    dp, lp = free_port(), free_port()
+    env = {**os.environ, "RUST_LOG": "warn", "RAYON_NUM_THREADS": str(threads)}
+    duet = subprocess.Popen([DUET, "serve", "--port", str(dp), "--model", model_path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    llama = subprocess.Popen([llama_python, "-m", "llama_cpp.server", "--model", model_path, "--port", str(lp),
+                              "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                              "--n_ctx", "2048", "--verbose", "false"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_up(dp, duet)
+        wait_up(lp, llama)
+        # The prompt's token count, as duet's tokenizer sees it, for the prefill rate.
+        results = {"duet": [], "llama.cpp": []}
+        for port, who in [(dp, "duet"), (lp, "llama.cpp")]:
+            round_trip(port, name, "warm-up", 4)
+        for i in range(rounds):
+            for port, who in [(dp, "duet"), (lp, "llama.cpp")] if i % 2 == 0 else [(lp, "llama.cpp"), (dp, "duet")]:
+                start, stamps = round_trip(port, name, f"round {i} {who}", 128)
+                results[who].append((stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])))
+        c = http.client.HTTPConnection("127.0.0.1", dp, timeout=60)
+        prompt = f"Note round 0 duet. " + PARAGRAPH * 8 + "Summarise the notes above in a few sentences."
+        c.request("POST", "/v1/chat/completions", json.dumps({"model": name, "max_tokens": 1,
+                  "messages": [{"role": "user", "content": prompt}]}), {"Content-Type": "application/json"})
+        prompt_tokens = json.loads(c.getresponse().read())["usage"]["prompt_tokens"]
+        peaks = {"duet": peak_kib(duet.pid), "llama.cpp": peak_kib(llama.pid)}
+    finally:
+        duet.terminate()
+        llama.terminate()
+        duet.wait()
+        llama.wait()
+    rows = {}
+    for who, rs in results.items():
+        ttft = statistics.median(r[0] for r in rs)
+        rows[who] = (ttft * 1000, prompt_tokens / ttft, statistics.median(r[1] for r in rs), peaks[who] / 1024)
+    return name, prompt_tokens, rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("models", nargs="+")
+    args = ap.parse_args()
+    llama_python = ensure_llamacpp()
+    out = [bench(m, args.rounds, args.threads, llama_python) for m in args.models]
+    print(f"{args.threads} threads, {args.rounds} alternating rounds, medians; greedy, streamed over HTTP, "
+          f"128 generated tokens; llama.cpp = llama-cpp-python 0.3.36 server\n")
+    print("| model | prompt tok | TTFT ms duet / llama.cpp | prefill tok/s duet / llama.cpp (ratio) "
+          "| decode tok/s duet / llama.cpp (ratio) | peak RSS MB duet / llama.cpp |")
+    print("|---|---|---|---|---|---|")
+    for name, pt, r in out:
+        d, l = r["duet"], r["llama.cpp"]
+        print(f"| {name} | {pt} | {d[0]:.0f} / {l[0]:.0f} | {d[1]:.0f} / {l[1]:.0f} ({d[1] / l[1]:.2f}x) | "
+              f"{d[2]:.1f} / {l[2]:.1f} ({d[2] / l[2]:.2f}x) | {d[3]:.0f} / {l[3]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
