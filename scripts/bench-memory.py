@@ -6,9 +6,9 @@ budget to every target. For each target this script starts a teacher (a second d
 student mode serving SmolLM2, so hybrid hand-overs get real answers), starts duet with the
 target, records its idle RSS, runs CLIENTS streaming clients for SECONDS (each sends a
 request, reads the whole stream, repeats; no new requests after the deadline, every
-outstanding one is waited for), samples RSS every 50 ms, then waits for the idle unload
-and reads RSS again. It prints, per target: the budget, peak RSS (VmHWM) and whether RSS
-ever crossed the budget, answers by backend, refusals (429/503) and other failures, the
+outstanding one is waited for), then waits for the idle unload and reads RSS again. It
+prints, per target: the budget, peak RSS (VmHWM, the kernel's high-water mark) and whether it
+crossed the budget, answers by backend, refusals (429/503) and other failures, the
 slowest request, and RSS before the first load against RSS after the idle unload.
 
 usage: scripts/bench-memory.py [--seconds 60] [--clients 64] [--max-tokens 48]
@@ -20,31 +20,17 @@ import http.client
 import json
 import os
 import random
-import socket
 import subprocess
-import sys
 import threading
 import time
+
+from benchlib import free_port, proc_kib, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target", "release", "duet")
 SMOLLM2 = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 KEEP_ALIVE_S = 5
 TOPICS = ["rivers", "bread", "trains", "owls", "glass", "rain", "maps", "salt", "bees", "ink"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status_kib(pid, key):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def get(port, path):
@@ -57,13 +43,8 @@ def start(args, env):
     port = free_port()
     proc = subprocess.Popen([BINARY, "serve", "--port", str(port), *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn", **env})
-    for _ in range(200):
-        try:
-            get(port, "/health")
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"duet {args} did not start")
+    wait_http(port, proc, "/health")
+    return proc, port
 
 
 def client(port, model, deadline, max_tokens, results, lock):
@@ -105,7 +86,7 @@ def run(target, args):
     proc, port = start(flags, env)
     try:
         get(port, "/v1/models")
-        idle_kib = status_kib(proc.pid, "VmRSS")
+        idle_kib = proc_kib(proc.pid, "VmRSS")
         health = get(port, "/health")
         budget = health["memory"]["budget_bytes"]
         model = get(port, "/v1/models")["data"][0]["id"]
@@ -113,16 +94,14 @@ def run(target, args):
         deadline = time.time() + args.seconds
         threads = [threading.Thread(target=client, args=(port, model, deadline, args.max_tokens, results, lock))
                    for _ in range(args.clients)]
-        max_rss = 0
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            max_rss = max(max_rss, status_kib(proc.pid, "VmRSS"))
-            time.sleep(0.05)
-        peak_kib = status_kib(proc.pid, "VmHWM")
+        for t in threads:
+            t.join()
+        peak_kib = proc_kib(proc.pid, "VmHWM")
         time.sleep(KEEP_ALIVE_S + 2)
         state = get(port, "/health")["student"]
-        after_kib = status_kib(proc.pid, "VmRSS")
+        after_kib = proc_kib(proc.pid, "VmRSS")
     finally:
         proc.terminate()
         teacher.terminate()

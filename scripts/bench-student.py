@@ -17,12 +17,12 @@ import argparse
 import http.client
 import json
 import os
-import re
-import socket
 import statistics
 import subprocess
 import sys
 import time
+
+from benchlib import free_port, proc_kib, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target", "release", "duet")
@@ -34,34 +34,6 @@ PROMPT = (
     "Johannes Gutenberg combined a press, oil-based ink and cast metal type around 1450. "
     "Summarize these notes in a few sentences, then explain why printing mattered."
 )
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vm(pid, key):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def wait_ready(port, proc):
-    for _ in range(200):
-        if proc.poll() is not None:
-            sys.exit("duet exited during start-up")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/health")
-            if c.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit("duet did not start")
 
 
 def one_round(port, model, prefix, max_tokens):
@@ -108,11 +80,11 @@ def bench(path, rounds, max_tokens):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "RUST_LOG": "warn"})
     try:
-        wait_ready(port, proc)
-        idle_rss = vm(proc.pid, "VmRSS")
+        wait_http(port, proc)
+        idle_rss = proc_kib(proc.pid, "VmRSS") * 1024
         one_round(port, name, "warm-up", 4)  # loads the model
         results = [one_round(port, name, f"round {i}", max_tokens) for i in range(rounds)]
-        peak = vm(proc.pid, "VmHWM")
+        peak = proc_kib(proc.pid, "VmHWM") * 1024
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         c.request("GET", "/health")
         kv_per_token = json.loads(c.getresponse().read())["student"]["kv_bytes_per_token"]

@@ -15,11 +15,12 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
+
+from benchlib import free_port, proc_kib, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUET = os.path.join(ROOT, "target", "release", "duet")
@@ -41,31 +42,6 @@ def ensure_llamacpp():
         print("installing llama-cpp-python[server] (compiles llama.cpp, ~5 min)...", file=sys.stderr)
         subprocess.check_call([python, "-m", "pip", "install", "-q", "llama-cpp-python[server]==0.3.36"])
     return python
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(port, proc):
-    for _ in range(600):
-        if proc.poll() is not None:
-            sys.exit("a server exited during start-up")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/v1/models")
-            if c.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit("a server did not start")
-
-
-def peak_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
 
 
 def round_trip(port, model, prefix, max_tokens):
@@ -97,8 +73,8 @@ def bench(model_path, rounds, threads, llama_python):
                               "--n_ctx", "2048", "--verbose", "false"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_up(dp, duet)
-        wait_up(lp, llama)
+        wait_http(dp, duet)
+        wait_http(lp, llama, seconds=120)
         # The prompt's token count, as duet's tokenizer sees it, for the prefill rate.
         results = {"duet": [], "llama.cpp": []}
         for port, who in [(dp, "duet"), (lp, "llama.cpp")]:
@@ -112,7 +88,7 @@ def bench(model_path, rounds, threads, llama_python):
         c.request("POST", "/v1/chat/completions", json.dumps({"model": name, "max_tokens": 1,
                   "messages": [{"role": "user", "content": prompt}]}), {"Content-Type": "application/json"})
         prompt_tokens = json.loads(c.getresponse().read())["usage"]["prompt_tokens"]
-        peaks = {"duet": peak_kib(duet.pid), "llama.cpp": peak_kib(llama.pid)}
+        peaks = {"duet": proc_kib(duet.pid, "VmHWM"), "llama.cpp": proc_kib(llama.pid, "VmHWM")}
     finally:
         duet.terminate()
         llama.terminate()

@@ -11,7 +11,7 @@ use async_openai::types::chat::{
     ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
     FinishReason, StopConfiguration,
 };
-use common::{SMOLLM2, client, config_for, health, model_id, smollm2, spawn};
+use common::{SMOLLM2, client, config_for, health, model_id, post, smollm2, spawn};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -119,12 +119,7 @@ async fn stream_wire_format() {
         "model": model_id(SMOLLM2), "stream": true, "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 8, "temperature": 0
     });
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", smollm2()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(smollm2(), &body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let text = resp.text().await.unwrap();
@@ -209,12 +204,7 @@ async fn chinese_and_emoji_arrive_as_whole_characters() {
         "model": model_id(SMOLLM2), "stream": true, "temperature": 0, "max_tokens": 40,
         "messages": [{"role": "user", "content": "请用中文回答：你好吗？😀"}]
     });
-    let resp = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", smollm2()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(smollm2(), &body).await;
     let text = resp.text().await.unwrap();
     let mut content = String::new();
     for event in text.split("\n\n").filter(|e| e.starts_with("data: {")) {
@@ -354,12 +344,7 @@ async fn disconnect_stops_generation_and_frees_the_engine() {
         "model": model_id(SMOLLM2), "stream": true, "max_tokens": 3000, "temperature": 1.0, "seed": 1,
         "messages": [{"role": "user", "content": "Write a very long story about a dragon, with many chapters."}]
     });
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&base, &body).await;
     let mut bytes = resp.bytes_stream();
     let mut seen = 0;
     while seen < 3 {

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SMOLLM2, config_for, model_id, model_path, spawn};
+use common::{SMOLLM2, config_for, model_id, model_path, post, spawn};
 use serde_json::{Value, json};
 
 fn ask(max_tokens: u32) -> Value {
@@ -400,12 +400,7 @@ fn sigterm_lets_short_answers_finish_and_ends_long_streams_cleanly() {
             // Greedy, this prompt runs past 600 tokens: still going when the grace ends.
             body["messages"][0]["content"] = json!("Write a very long story about the sea.");
             body["temperature"] = json!(0);
-            let resp = reqwest::Client::new()
-                .post(format!("{base}/v1/chat/completions"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
+            let resp = post(&base, &body).await;
             resp.text().await.unwrap()
         })
     };

@@ -7,22 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{SMOLLM2, config_for, health, model_id, spawn};
+use common::{SMOLLM2, config_for, health, model_id, post, spawn};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 fn ask(max_tokens: u32) -> Value {
     json!({"model": model_id(SMOLLM2), "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
            "max_tokens": max_tokens, "temperature": 1.0, "seed": 3})
-}
-
-async fn post(base: &str, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap()
 }
 
 /// Starts a long streamed generation and returns once its first bytes arrived.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
-use common::{SMOLLM2, client, config_for, model_id, spawn};
+use common::{SMOLLM2, client, config_for, model_id, post, spawn};
 use duet::config::{Config, Mode, Policy};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -270,15 +270,6 @@ fn real_teacher() -> &'static str {
 fn proxy() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| spawn(fault_config(Mode::Teacher, "healthy")))
-}
-
-async fn post(base: &str, body: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
 }
 
 fn ask(model: &str) -> Value {

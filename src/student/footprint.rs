@@ -24,23 +24,23 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    /// Estimates the footprint of the model whose header is `header`, serving sequences of
-    /// up to `context_length` tokens (already capped at what the model was trained for).
-    pub fn estimate(header: &GgufHeader, context_length: usize) -> Result<Self, DuetError> {
-        let shape = ModelShape::from_header(header)?;
+    /// Estimates the footprint of the model whose header is `header` and shape `shape`,
+    /// serving sequences of up to `context_length` tokens (already capped at what the model
+    /// was trained for).
+    pub fn estimate(header: &GgufHeader, shape: &ModelShape, context_length: usize) -> Self {
         let count = |key| {
             gguf::strings(header.metadata(), key)
                 .map(|v| v.len() as u64)
                 .unwrap_or(0)
         };
         let entries = count("tokenizer.ggml.tokens") + count("tokenizer.ggml.merges");
-        Ok(Self {
+        Self {
             weight_bytes: header.tensor_bytes(),
             tokenizer_bytes: entries * TOKENIZER_BYTES_PER_ENTRY,
             runtime_bytes: RUNTIME_BYTES,
             kv_bytes_per_token: shape.kv_bytes_per_token() as u64,
             context_length: context_length as u64,
-        })
+        }
     }
 
     /// Memory held while loaded, before any request.

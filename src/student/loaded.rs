@@ -33,10 +33,9 @@ impl LoadedModel {
     pub fn load(config: &StudentConfig, budget: u64) -> Result<Self, DuetError> {
         let path = source::resolve(&config.model)?;
         let mut header = GgufHeader::read(&path)?;
-        let context = config
-            .context_length
-            .min(ModelShape::from_header(&header)?.trained_context);
-        let footprint = Footprint::estimate(&header, context)?;
+        let shape = ModelShape::from_header(&header)?;
+        let context = config.context_length.min(shape.trained_context);
+        let footprint = Footprint::estimate(&header, &shape, context);
         footprint.check(budget)?;
         let tokenizer = StudentTokenizer::load(&path, &header)?;
         // The parsed vocabulary and merges are hundreds of thousands of small strings the
@@ -68,7 +67,7 @@ impl LoadedModel {
         {
             end_tokens.insert(id);
         }
-        let model = Transformer::load(&path, &header, context)?;
+        let model = Transformer::load(&path, &header, shape, context)?;
         Ok(Self {
             model,
             tokenizer,

@@ -170,10 +170,14 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    /// Loads the weights of a GGUF whose header was already read; `context` bounds the
-    /// rotary tables (and so the longest sequence this instance accepts).
-    pub fn load(path: &Path, header: &GgufHeader, context: usize) -> Result<Self, DuetError> {
-        let shape = ModelShape::from_header(header)?;
+    /// Loads the weights of a GGUF whose header (and shape) were already read; `context`
+    /// bounds the rotary tables (and so the longest sequence this instance accepts).
+    pub fn load(
+        path: &Path,
+        header: &GgufHeader,
+        shape: ModelShape,
+        context: usize,
+    ) -> Result<Self, DuetError> {
         let file = File::open(path)
             .map_err(|e| DuetError::ModelLoad(format!("cannot open {}: {e}", path.display())))?;
         let mut src = TensorSource {

@@ -89,9 +89,15 @@ impl Sampler {
         // Only the head of the distribution is ever sorted: start with at most 64
         // candidates and widen only while top-p needs more mass than they hold.
         let mut width = top_k.min(64);
+        // The softmax denominator over the whole vocabulary, once per token.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = logits
+            .iter()
+            .map(|&l| ((l - max) / temperature).exp())
+            .sum();
         loop {
             self.select_top(logits, width);
-            let probs_mass = self.normalize(temperature, logits);
+            let probs_mass = self.normalize(temperature, max, z);
             if width == top_k || probs_mass >= self.params.top_p {
                 break;
             }
@@ -134,12 +140,7 @@ impl Sampler {
 
     /// Turns the candidates' logits into probabilities over the whole vocabulary (at this
     /// temperature) and returns the mass the candidates hold.
-    fn normalize(&mut self, temperature: f32, logits: &[f32]) -> f32 {
-        let max = self.candidates[0].1;
-        let z: f32 = logits
-            .iter()
-            .map(|&l| ((l - max) / temperature).exp())
-            .sum();
+    fn normalize(&mut self, temperature: f32, max: f32, z: f32) -> f32 {
         let mut mass = 0.0;
         for c in &mut self.candidates {
             c.1 = ((c.1 - max) / temperature).exp() / z;

@@ -76,3 +76,13 @@ pub async fn health(base: &str) -> serde_json::Value {
         .await
         .unwrap()
 }
+
+/// `POST /v1/chat/completions` with `body` as JSON.
+pub async fn post(base: &str, body: impl serde::Serialize) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}

@@ -1,0 +1,40 @@
+"""Helpers the benchmark scripts share: a free loopback port, a process's memory from
+/proc, and waiting for a server to answer."""
+
+import http.client
+import socket
+import sys
+import time
+
+
+def free_port():
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_kib(pid, field):
+    """A /proc/<pid>/status field in KiB, such as VmRSS or VmHWM (0 when absent)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_http(port, proc, path="/v1/models", seconds=60):
+    """Waits until GET path answers 200; exits if `proc` dies first or time runs out."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server on port {port} exited during start-up")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", path)
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    sys.exit(f"the server on port {port} did not start")
