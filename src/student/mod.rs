@@ -5,6 +5,7 @@ pub mod detokenizer;
 pub mod engine;
 pub mod footprint;
 pub mod gguf;
+pub mod kernels;
 pub mod loaded;
 pub mod model;
 pub mod sampler;

@@ -4,7 +4,8 @@
 //!
 //! duet multiplies through candle's quantized dot products (`QuantizedType::matmul_t`)
 //! rather than `QMatMul`: on AVX-512 machines `QMatMul` also keeps a re-tiled copy of
-//! Q4_K/Q6_K/Q8_0 matrices beside the original, up to twice the weights' memory.
+//! Q4_K/Q6_K/Q8_0 matrices beside the original, up to twice the weights' memory. Formats
+//! with a kernel of duet's own (`kernels.rs`) are multiplied there instead.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -18,9 +19,13 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QuantizedType};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 
+use super::kernels::{self, Format};
+
 /// A `rows x cols` matrix kept in its GGUF block format.
 pub struct QuantMatrix {
     blocks: Box<dyn QuantizedType>,
+    /// Set when duet's own kernel multiplies this format on this CPU.
+    kernel: Option<Format>,
     rows: usize,
     cols: usize,
 }
@@ -56,7 +61,12 @@ impl QuantMatrix {
             GgmlDType::Q6K => read_blocks::<BlockQ6K>(file, count)?,
             GgmlDType::Q8K => read_blocks::<BlockQ8K>(file, count)?,
         };
-        Ok(Self { blocks, rows, cols })
+        Ok(Self {
+            blocks,
+            kernel: Format::for_dtype(dtype),
+            rows,
+            cols,
+        })
     }
 
     /// `x @ self^T`: the last dimension of `x` (f32) must be `cols`.
@@ -77,6 +87,13 @@ impl QuantMatrix {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.blocks.storage_size_in_bytes()
+    }
+
+    /// The blocks as the GGUF stores them.
+    fn raw(&self) -> &[u8] {
+        // SAFETY: `as_ptr` points at the `Vec` of blocks, `storage_size_in_bytes` long, which
+        // lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr(), self.bytes()) }
     }
 }
 
@@ -108,7 +125,10 @@ impl CustomOp1 for QuantMatrix {
         let lhs = &values[layout.start_offset()..layout.start_offset() + shape.elem_count()];
         let m = shape.elem_count() / k;
         let mut out = vec![0f32; m * self.rows];
-        self.blocks.matmul_t((m, k, self.rows), lhs, &mut out)?;
+        match self.kernel {
+            Some(format) => kernels::matmul(format, self.raw(), (m, k, self.rows), lhs, &mut out),
+            None => self.blocks.matmul_t((m, k, self.rows), lhs, &mut out)?,
+        }
         let mut dims = shape.dims().to_vec();
         *dims.last_mut().expect("checked above") = self.rows;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
