@@ -288,10 +288,15 @@ mod x86 {
 mod tests {
     use super::*;
     use candle_core::quantized::QTensor;
+    use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, GgmlType};
     use candle_core::{Device, Tensor};
 
-    /// Every kernel, against candle's dequantized weights times the unquantized activations,
-    /// for 1 to 9 activation rows (whole and partial row tiles) and a partial column chunk.
+    /// Every kernel, against candle's dequantized weights times the unquantized activations
+    /// (loosely: activations lose precision to 8 bits) and against candle's own quantized
+    /// product, which quantizes activations the same way but keeps their scales in f16
+    /// (within 0.1%), for 1 to 9 activation
+    /// rows (whole and partial row tiles) and a partial column chunk. Activations have a
+    /// non-zero mean so that each format's offset term matters.
     #[test]
     fn kernels_match_candles_dequantized_reference() {
         if !cpu_supported() {
@@ -309,9 +314,21 @@ mod tests {
             let bytes = q.data().unwrap().to_vec();
             let reference = q.dequantize(&Device::Cpu).unwrap();
             for m in 1..=9 {
-                let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.37).sin()).collect();
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i as f32) * 0.37).sin() + 0.3)
+                    .collect();
                 let mut ours = vec![0f32; m * n];
                 matmul(format, &bytes, (m, k, n), &x, &mut ours);
+                let mut candles = vec![0f32; m * n];
+                match dtype {
+                    GgmlDType::Q4_1 => {
+                        candle_product::<BlockQ4_1>(&bytes, (m, k, n), &x, &mut candles)
+                    }
+                    GgmlDType::Q5_0 => {
+                        candle_product::<BlockQ5_0>(&bytes, (m, k, n), &x, &mut candles)
+                    }
+                    _ => candle_product::<BlockQ8_0>(&bytes, (m, k, n), &x, &mut candles),
+                }
                 let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
                 let expected = xt.matmul(&reference.t().unwrap()).unwrap();
                 let mass = xt
@@ -327,9 +344,31 @@ mod tests {
                         (a - b).abs() <= 0.01 * s,
                         "{dtype:?} m={m} element {i}: {a} vs {b} (mass {s})"
                     );
+                    let c = candles[i];
+                    assert!(
+                        (a - c).abs() <= 1e-3 * s,
+                        "{dtype:?} m={m} element {i}: {a} vs candle's {c} (mass {s})"
+                    );
                 }
             }
         }
+    }
+
+    /// candle's generic quantized product over the same GGUF bytes.
+    fn candle_product<T: GgmlType>(
+        bytes: &[u8],
+        mkn: (usize, usize, usize),
+        x: &[f32],
+        dst: &mut [f32],
+    ) {
+        let count = bytes.len() / std::mem::size_of::<T>();
+        let mut blocks: Vec<T> = Vec::with_capacity(count);
+        // SAFETY: GGUF block structs are plain integers and half floats; every byte is copied.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr().cast(), bytes.len());
+            blocks.set_len(count);
+        }
+        candle_core::quantized::k_quants::matmul(mkn, x, &blocks, dst).unwrap();
     }
 
     #[test]
