@@ -8,6 +8,10 @@ alternation: a ~500-token prompt whose first words change every round (so no pro
 helps either side) and 128 generated tokens. Prints the medians of time to first token,
 prefill tok/s and decode tok/s for both, the ratios duet/llama.cpp, and each server's peak RSS.
 
+Then, per server: the prompt cache (time to first token of a ~1,000-token conversation's
+second turn over its first) and concurrency (aggregate tok/s of 4 simultaneous streams of 128
+tokens over one stream alone, short prompts).
+
 usage: scripts/bench-vs-llamacpp.py [--rounds 5] [--threads 2] MODEL.gguf...
 """
 
@@ -18,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from benchlib import free_port, proc_kib, wait_http
@@ -44,28 +49,69 @@ def ensure_llamacpp():
     return python
 
 
-def round_trip(port, model, prefix, max_tokens):
-    prompt = f"Note {prefix}. " + PARAGRAPH * 8 + "Summarise the notes above in a few sentences."
+def prompt_for(prefix, paragraphs=8):
+    return f"Note {prefix}. " + PARAGRAPH * paragraphs + "Summarise the notes above in a few sentences."
+
+
+def stream(port, model, messages, max_tokens):
+    """One streamed greedy request: its start time, the arrival time of every chunk with
+    content, and the text."""
     body = json.dumps({"model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens,
-                       "messages": [{"role": "user", "content": prompt}]})
+                       "messages": messages})
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
     c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     r = c.getresponse()
-    stamps = []
+    stamps, text = [], []
     for raw in r:
         line = raw.decode(errors="replace").strip()
         if line.startswith("data: {"):
             chunk = json.loads(line[6:])
-            if any(ch.get("delta", {}).get("content") for ch in chunk.get("choices", [])):
-                stamps.append(time.perf_counter())
+            for ch in chunk.get("choices", []):
+                if ch.get("delta", {}).get("content"):
+                    stamps.append(time.perf_counter())
+                    text.append(ch["delta"]["content"])
+    return start, stamps, "".join(text)
+
+
+def round_trip(port, model, prefix, max_tokens):
+    start, stamps, _ = stream(port, model, [{"role": "user", "content": prompt_for(prefix)}], max_tokens)
     return start, stamps
+
+
+def conversation(port, model, tag):
+    """Time to first token of turn one (a ~1,000-token message) and of turn two (the same
+    conversation, the answer, and a short question)."""
+    first = [{"role": "user", "content": prompt_for(tag, 18)}]
+    s1, st1, answer = stream(port, model, first, 32)
+    second = first + [{"role": "assistant", "content": answer},
+                      {"role": "user", "content": "Which ships did the keeper write down?"}]
+    s2, st2, _ = stream(port, model, second, 4)
+    return st1[0] - s1, st2[0] - s2
+
+
+def aggregate_rate(port, model, tag, streams):
+    """Tokens per second over all of `streams` simultaneous 128-token streams, from the first
+    request to the last token."""
+    results = [None] * streams
+
+    def one(i):
+        messages = [{"role": "user", "content": f"Story {tag} {i}: tell a long story about a lighthouse."}]
+        results[i] = stream(port, model, messages, 128)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tokens = sum(len(r[1]) for r in results)
+    return tokens / (max(r[1][-1] for r in results) - min(r[0] for r in results))
 
 
 def bench(model_path, rounds, threads, llama_python):
     name = os.path.basename(model_path).removesuffix(".gguf")
     dp, lp = free_port(), free_port()
-    env = {**os.environ, "RUST_LOG": "warn", "RAYON_NUM_THREADS": str(threads)}
+    env = {**os.environ, "RUST_LOG": "warn", "DUET_STUDENT_THREADS": str(threads)}
     duet = subprocess.Popen([DUET, "serve", "--port", str(dp), "--model", model_path],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     llama = subprocess.Popen([llama_python, "-m", "llama_cpp.server", "--model", model_path, "--port", str(lp),
@@ -83,6 +129,11 @@ def bench(model_path, rounds, threads, llama_python):
             for port, who in [(dp, "duet"), (lp, "llama.cpp")] if i % 2 == 0 else [(lp, "llama.cpp"), (dp, "duet")]:
                 start, stamps = round_trip(port, name, f"round {i} {who}", 128)
                 results[who].append((stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])))
+        turns, concurrency = {}, {}
+        for port, who in [(dp, "duet"), (lp, "llama.cpp")]:
+            turns[who] = conversation(port, name, f"conversation {who}")
+            single = aggregate_rate(port, name, f"single {who}", 1)
+            concurrency[who] = (single, aggregate_rate(port, name, f"four {who}", 4))
         c = http.client.HTTPConnection("127.0.0.1", dp, timeout=60)
         prompt = f"Note round 0 duet. " + PARAGRAPH * 8 + "Summarise the notes above in a few sentences."
         c.request("POST", "/v1/chat/completions", json.dumps({"model": name, "max_tokens": 1,
@@ -98,7 +149,7 @@ def bench(model_path, rounds, threads, llama_python):
     for who, rs in results.items():
         ttft = statistics.median(r[0] for r in rs)
         rows[who] = (ttft * 1000, prompt_tokens / ttft, statistics.median(r[1] for r in rs), peaks[who] / 1024)
-    return name, prompt_tokens, rows
+    return name, prompt_tokens, rows, turns, concurrency
 
 
 def main():
@@ -114,10 +165,23 @@ def main():
     print("| model | prompt tok | TTFT ms duet / llama.cpp | prefill tok/s duet / llama.cpp (ratio) "
           "| decode tok/s duet / llama.cpp (ratio) | peak RSS MB duet / llama.cpp |")
     print("|---|---|---|---|---|---|")
-    for name, pt, r in out:
+    for name, pt, r, _, _ in out:
         d, l = r["duet"], r["llama.cpp"]
         print(f"| {name} | {pt} | {d[0]:.0f} / {l[0]:.0f} | {d[1]:.0f} / {l[1]:.0f} ({d[1] / l[1]:.2f}x) | "
               f"{d[2]:.1f} / {l[2]:.1f} ({d[2] / l[2]:.2f}x) | {d[3]:.0f} / {l[3]:.0f} |")
+    print("\nPrompt cache: time to first token of a ~1,000-token conversation's second turn over its first.")
+    print("Concurrency: aggregate tok/s of 4 simultaneous 128-token streams over 1 stream alone.\n")
+    print("| model | turn 2 / turn 1 TTFT ms duet | llama.cpp | 4 streams / 1 stream tok/s duet | llama.cpp |")
+    print("|---|---|---|---|---|")
+    for name, _, _, turns, conc in out:
+        cells = []
+        for who in ("duet", "llama.cpp"):
+            t1, t2 = turns[who]
+            cells.append(f"{t2 * 1000:.0f} / {t1 * 1000:.0f} ({t2 / t1:.0%})")
+        for who in ("duet", "llama.cpp"):
+            one, four = conc[who]
+            cells.append(f"{four:.1f} / {one:.1f} ({four / one:.2f}x)")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 //! request's reservation: its body and the key/value cache its prompt and `max_tokens`
 //! may fill. A request that does not fit now is refused (429 with Retry-After, or handed
 //! to the teacher in hybrid mode); the queue is also bounded by count.
+//!
+//! Cached prompt prefixes (the engine's prompt cache) are held in the same ledger, but
+//! they give way: a request that fits only without them evicts them instead of being
+//! refused.
 
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +35,11 @@ pub struct Ledger {
     pub context_length: u64,
     /// Sum of the reservations held by admitted requests.
     pub reserved_bytes: u64,
+    /// Key/value cache kept for prompt prefixes that later requests may share.
+    pub prompt_cache_bytes: u64,
+    /// Bumped whenever a request evicts the prompt cache; the engine drops entries
+    /// recorded under an older generation.
+    pub prompt_cache_generation: u64,
     pub admitted: u64,
     pub refused: u64,
 }
@@ -82,12 +91,18 @@ impl Admission {
             prompt_tokens_bound + max_tokens
         };
         let bytes = body_bytes + REQUEST_OVERHEAD + tokens * s.kv_bytes_per_token;
-        if s.fixed_bytes + s.reserved_bytes + bytes > self.budget {
+        let in_use = s.fixed_bytes + s.reserved_bytes;
+        if in_use + s.prompt_cache_bytes + bytes > self.budget && in_use + bytes <= self.budget {
+            // Requests come first: cached prefixes are only an optimisation.
+            s.prompt_cache_bytes = 0;
+            s.prompt_cache_generation += 1;
+        }
+        if s.fixed_bytes + s.reserved_bytes + s.prompt_cache_bytes + bytes > self.budget {
             s.refused += 1;
             return Err(DuetError::Overloaded(format!(
                 "the memory budget is spent: this request needs {} and {} of the {} budget is in use; retry shortly",
                 crate::memory::human(bytes),
-                crate::memory::human(s.fixed_bytes + s.reserved_bytes),
+                crate::memory::human(s.fixed_bytes + s.reserved_bytes + s.prompt_cache_bytes),
                 crate::memory::human(self.budget),
             )));
         }
@@ -98,6 +113,33 @@ impl Admission {
             body_bytes,
             bytes,
         })
+    }
+
+    /// Claims `bytes` for the prompt cache if the budget has room beside every request;
+    /// returns the generation the claim belongs to.
+    pub fn hold_prompt_cache(&self, bytes: u64) -> Option<u64> {
+        let mut s = self.state.lock().expect("ledger lock");
+        if s.fixed_bytes + s.reserved_bytes + s.prompt_cache_bytes + bytes > self.budget {
+            return None;
+        }
+        s.prompt_cache_bytes += bytes;
+        Some(s.prompt_cache_generation)
+    }
+
+    /// Returns a claim made by `hold_prompt_cache`, unless an eviction already did.
+    pub fn release_prompt_cache(&self, bytes: u64, generation: u64) {
+        let mut s = self.state.lock().expect("ledger lock");
+        if s.prompt_cache_generation == generation {
+            s.prompt_cache_bytes -= bytes;
+        }
+    }
+
+    /// The current prompt cache generation (see [`Ledger::prompt_cache_generation`]).
+    pub fn prompt_cache_generation(&self) -> u64 {
+        self.state
+            .lock()
+            .expect("ledger lock")
+            .prompt_cache_generation
     }
 }
 
@@ -156,6 +198,40 @@ mod tests {
         assert_eq!(a.ledger().reserved_bytes, second.bytes() + third.bytes());
         drop((second, third));
         assert_eq!(a.ledger().reserved_bytes, 0);
+    }
+
+    #[test]
+    fn the_prompt_cache_gives_way_to_requests() {
+        let a = Admission::new(10_000_000);
+        a.learn(ModelFacts {
+            fixed_bytes: 6_000_000,
+            kv_bytes_per_token: 1_000,
+            context_length: 2_000,
+        });
+        let generation = a
+            .hold_prompt_cache(3_000_000)
+            .expect("room for a cached prefix");
+        assert!(
+            a.hold_prompt_cache(2_000_000).is_none(),
+            "beyond the budget"
+        );
+        // 1.57 MB fits only without the cached prefix: admitted, and the cache evicted.
+        let r = a.admit(1_000, 500, 1_000).unwrap();
+        let l = a.ledger();
+        assert_eq!(
+            (l.prompt_cache_bytes, l.prompt_cache_generation),
+            (0, generation + 1)
+        );
+        a.release_prompt_cache(3_000_000, generation); // the engine's late release: ignored
+        assert_eq!(a.ledger().prompt_cache_bytes, 0);
+        // A request that does not fit even without the cache is refused and evicts nothing.
+        let r2 = a.admit(1_000, 500, 1_000).unwrap(); // 9.14 MB in use
+        let g = a.hold_prompt_cache(500_000).unwrap();
+        assert!(a.admit(1_000, 500, 1_000).is_err());
+        assert_eq!(a.ledger().prompt_cache_bytes, 500_000);
+        a.release_prompt_cache(500_000, g);
+        assert_eq!(a.ledger().prompt_cache_bytes, 0);
+        drop((r, r2));
     }
 
     #[test]

@@ -171,6 +171,11 @@ pub struct StudentConfig {
     pub context_length: usize,
     /// Requests that may wait for the model; more are answered 429 with Retry-After.
     pub queue_size: usize,
+    /// Sequences generated together in one forward pass (continuous batching); requests
+    /// beyond it wait in the queue.
+    pub parallel: usize,
+    /// CPU threads for the model's arithmetic; 0 = the physical cores. Read once per process.
+    pub threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -198,6 +203,8 @@ impl Default for StudentConfig {
             max_new_tokens: 512,
             context_length: 4096,
             queue_size: 64,
+            parallel: 4,
+            threads: 0,
         }
     }
 }
@@ -366,6 +373,9 @@ impl Config {
         }
         if self.student.queue_size == 0 {
             return bad("student.queue_size", "must be at least 1".into());
+        }
+        if self.student.parallel == 0 {
+            return bad("student.parallel", "must be at least 1".into());
         }
         if self.student.max_new_tokens >= self.student.context_length {
             return bad(

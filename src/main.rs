@@ -37,8 +37,7 @@ enum Command {
     Serve,
 }
 
-#[actix_web::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     // A missing .env is normal; real environment variables win over it.
     let _ = dotenvy::dotenv();
     tracing_subscriber::fmt()
@@ -64,6 +63,17 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if config.student.threads > 0 {
+        // SAFETY: no other thread exists yet (the runtime starts below), so nothing can
+        // read the environment while it changes. The model's thread pool (candle's) reads
+        // this once, when the first product runs.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", config.student.threads.to_string()) };
+    }
+    actix_web::rt::System::new().block_on(serve(config))
+}
+
+/// Starts the server and runs it until SIGTERM or Ctrl-C.
+async fn serve(config: duet::config::Config) -> std::process::ExitCode {
     let running = match duet::start(&config) {
         Ok(r) => r,
         Err(e) => {

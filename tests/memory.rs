@@ -103,6 +103,7 @@ async fn a_spent_budget_is_a_429_and_the_leaver_gives_its_memory_back() {
 async fn a_full_queue_is_a_429_with_retry_after() {
     let mut config = config_for(SMOLLM2);
     config.student.queue_size = 1;
+    config.student.parallel = 1;
     let base = spawn(config);
     let running = occupy(&base).await;
     let queued = tokio::spawn({

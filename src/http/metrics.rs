@@ -19,7 +19,7 @@ pub struct Metrics {
 }
 
 /// Gauges read fresh at every scrape.
-const GAUGES: [(&str, &str); 9] = [
+const GAUGES: [(&str, &str); 10] = [
     (
         "duet_memory_budget_bytes",
         "The memory budget (memory.max_bytes).",
@@ -35,6 +35,10 @@ const GAUGES: [(&str, &str); 9] = [
     (
         "duet_memory_reserved_bytes",
         "Memory reserved by admitted requests.",
+    ),
+    (
+        "duet_prompt_cache_bytes",
+        "Key/value cache kept for prompt prefixes later requests may share.",
     ),
     (
         "duet_admission_refused_total",
@@ -122,6 +126,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     m.set("duet_resident_memory_bytes", memory::rss_bytes());
     m.set("duet_peak_resident_memory_bytes", memory::peak_rss_bytes());
     m.set("duet_memory_reserved_bytes", ledger.reserved_bytes);
+    m.set("duet_prompt_cache_bytes", ledger.prompt_cache_bytes);
     m.set("duet_admission_refused_total", ledger.refused);
     if let Some(status) = state.student.as_ref().map(|s| s.status()) {
         m.set("duet_student_loads_total", u64::from(status.loads));

@@ -1,22 +1,22 @@
-//! The engine thread: loads the student when the first job arrives, runs one job at a time
-//! from a bounded queue, streams each job's tokens back through its own channel, and
-//! unloads the model after `keep_alive` without work. Model work never runs on an HTTP
-//! worker; a job whose receiver is gone stops at the next token.
+//! The engine thread: loads the student when the first job arrives, takes jobs from a
+//! bounded queue, and runs every active sequence together (continuous batching): each
+//! forward pass carries one new token of every decoding sequence plus a slice of at most one
+//! prompt being read, so a long prompt never stalls the streams already running. Unloads
+//! the model after `keep_alive` without work. Model work never runs on an HTTP worker; a
+//! sequence whose client is gone stops at the next pass.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::detokenizer::Detokenizer;
 use super::loaded::LoadedModel;
-use super::model::KvCache;
-use super::sampler::Sampler;
-use super::stop::{StopMatcher, StopScan};
+use super::prompt_cache::PromptCache;
+use super::sequence::{Outcome, Sequence};
 use super::{LoadState, StudentStatus};
 use crate::admission::{Admission, ModelFacts, Reservation};
-use crate::backend::{FinishReason, GenEvent, GenerationRequest, Usage};
+use crate::backend::{GenEvent, GenerationRequest};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
 use crate::memory::KeepAlive;
@@ -32,7 +32,7 @@ pub struct Job {
 }
 
 /// Prompt tokens run through the model per forward pass; bounds the attention scores'
-/// memory for long prompts.
+/// memory for long prompts and how long one pass delays the decoding sequences.
 const PREFILL_CHUNK: usize = 256;
 
 /// What the engine needs besides its jobs.
@@ -56,6 +56,8 @@ pub fn spawn(
         admission,
         loaded: None,
         keep_alive,
+        active: Vec::new(),
+        logits: Vec::new(),
     };
     std::thread::Builder::new()
         .name("duet-engine".into())
@@ -68,38 +70,130 @@ struct Engine {
     settings: EngineSettings,
     status: Arc<Mutex<StudentStatus>>,
     admission: Arc<Admission>,
-    loaded: Option<LoadedModel>,
+    /// The model and the prompt cache that belongs to it.
+    loaded: Option<(LoadedModel, PromptCache)>,
     /// How long to stay loaded without work (the last request's `keep_alive` or the default).
     keep_alive: KeepAlive,
+    /// Sequences being generated, in arrival order.
+    active: Vec<Sequence>,
+    /// The last pass's logits, one row per sequence that ran (reused from pass to pass).
+    logits: Vec<f32>,
 }
 
 impl Engine {
-    /// Serves jobs until every `Student` handle is dropped.
+    /// Serves jobs until every `Student` handle is dropped and the last sequence ends.
     fn run(mut self, jobs: Receiver<Job>) {
-        while let Some(job) = self.next_job(&jobs) {
-            if job.started.is_closed() {
-                continue; // the client left while queued
+        loop {
+            if self.active.is_empty() {
+                match self.next_job(&jobs) {
+                    Some(job) => self.begin(job),
+                    None => return,
+                }
             }
-            let keep_alive = job.request.keep_alive.unwrap_or(self.settings.keep_alive);
-            if self.loaded.is_none() {
-                self.load();
+            // Whatever else is waiting joins the batch at once.
+            while self.active.len() < self.settings.student.parallel {
+                match jobs.try_recv() {
+                    Ok(job) => self.begin(job),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
             }
-            let outcome = match &self.loaded {
-                Some(model) => serve(model, &self.settings.student, job),
-                None => {
-                    let reason = self.failed_reason().unwrap_or_default();
-                    let _ = job.started.send(Err(DuetError::ModelLoad(reason)));
-                    Outcome::Failed
+            if !self.active.is_empty() {
+                self.pass();
+            }
+        }
+    }
+
+    /// Turns a job into an active sequence (loading the model first if needed), or answers
+    /// it at once when it cannot run.
+    fn begin(&mut self, job: Job) {
+        if job.started.is_closed() {
+            return; // the client left while queued
+        }
+        self.keep_alive = job.request.keep_alive.unwrap_or(self.settings.keep_alive);
+        if self.loaded.is_none() {
+            self.load();
+        }
+        let Some((model, prompt_cache)) = &mut self.loaded else {
+            let reason = self.failed_reason().unwrap_or_default();
+            let _ = job.started.send(Err(DuetError::ModelLoad(reason)));
+            return;
+        };
+        match Sequence::start(model, &self.settings.student, job, prompt_cache) {
+            Ok(sequence) => self.active.push(sequence),
+            Err(outcome) => count(&self.status, outcome),
+        }
+    }
+
+    /// One forward pass over the active sequences: a token for each decoding one and up to
+    /// `PREFILL_CHUNK` prompt tokens, given to the earliest sequences still reading theirs.
+    fn pass(&mut self) {
+        let Some((model, prompt_cache)) = &mut self.loaded else {
+            return;
+        };
+        let mut ended = Vec::new();
+        let mut index = 0;
+        while index < self.active.len() {
+            if self.active[index].client_gone() {
+                ended.push((self.active.remove(index), Outcome::Cancelled));
+            } else {
+                index += 1;
+            }
+        }
+        let mut prefill_room = PREFILL_CHUNK;
+        let mut ran = Vec::with_capacity(self.active.len());
+        let mut steps = Vec::with_capacity(self.active.len());
+        for sequence in &mut self.active {
+            let n = match sequence.prefill_left() {
+                1 => 1, // a decoding sequence's next token, or a prompt's last one
+                left => {
+                    let n = left.min(prefill_room);
+                    prefill_room -= n;
+                    n
                 }
             };
-            let mut status = self.status.lock().expect("status lock");
-            match outcome {
-                Outcome::Completed => status.completed += 1,
-                Outcome::Cancelled => status.cancelled += 1,
-                Outcome::Failed => {}
+            ran.push(n);
+            if n > 0 {
+                steps.push(sequence.step(n));
             }
-            drop(status);
-            self.keep_alive = keep_alive;
+        }
+        let logits = &mut self.logits;
+        let result = if steps.is_empty() {
+            Ok(())
+        } else {
+            model.model.forward_batch(&mut steps, logits)
+        };
+        drop(steps);
+        match result {
+            Ok(()) => {
+                let mut rows = logits.chunks_exact_mut(model.model.shape.vocab);
+                let mut index = 0;
+                for n in ran {
+                    let outcome = if n == 0 {
+                        None
+                    } else {
+                        let l = rows.next().expect("logits for every sequence that ran");
+                        self.active[index].advance(model, n, l)
+                    };
+                    match outcome {
+                        Some(outcome) => ended.push((self.active.remove(index), outcome)),
+                        None => index += 1,
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed");
+                for mut sequence in self.active.drain(..) {
+                    let outcome = sequence.fail(DuetError::Internal(format!("generation: {e}")));
+                    ended.push((sequence, outcome));
+                }
+            }
+        }
+        for (sequence, outcome) in ended {
+            if outcome != Outcome::Failed {
+                let (tokens, cache) = sequence.into_cache();
+                prompt_cache.store(tokens, cache);
+            }
+            count(&self.status, outcome);
         }
     }
 
@@ -139,6 +233,7 @@ impl Engine {
                 let load_seconds = started.elapsed().as_secs_f64();
                 let measured = crate::memory::rss_bytes();
                 let f = model.footprint;
+                let prompt_cache = PromptCache::new(self.admission.clone(), f.kv_bytes_per_token);
                 // Admission counts the estimate: it is what the budget check promised, and
                 // the measured RSS would also count whatever else shares this process.
                 self.admission.learn(ModelFacts {
@@ -162,7 +257,7 @@ impl Engine {
                     context_length: f.context_length as usize,
                     kv_bytes_per_token: f.kv_bytes_per_token as usize,
                 };
-                self.loaded = Some(model);
+                self.loaded = Some((model, prompt_cache));
             }
             Err(e) => {
                 let reason = match e {
@@ -185,135 +280,12 @@ impl Engine {
     }
 }
 
-/// How a job ended, for the counters in `/health`.
-#[derive(Debug, PartialEq)]
-enum Outcome {
-    Completed,
-    /// The client went away; generation stopped at the next token.
-    Cancelled,
-    /// The request could not be served (refused or failed); the client was told why.
-    Failed,
-}
-
-/// Runs one job to its end: prefill, then sample/detokenize/stop-check per token.
-fn serve(m: &LoadedModel, config: &StudentConfig, job: Job) -> Outcome {
-    let Job {
-        request,
-        mut reservation,
-        started,
-        events,
-    } = job;
-    let (prompt, max_tokens) = match prepare(m, config, &request) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = started.send(Err(e));
-            return Outcome::Failed;
-        }
-    };
-    reservation.set_tokens((prompt.len() + max_tokens) as u64);
-    let mut cache = KvCache::new(m.model.shape.layers);
-    let mut logits = Vec::new();
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        if started.is_closed() {
-            return Outcome::Cancelled;
-        }
-        match m.model.forward(chunk, &mut cache) {
-            Ok(l) => logits = l,
-            Err(e) => {
-                let _ = started.send(Err(DuetError::Internal(format!("prefill: {e}"))));
-                return Outcome::Failed;
-            }
-        }
+/// Adds a sequence's end to the counters in `/health`.
+fn count(status: &Mutex<StudentStatus>, outcome: Outcome) {
+    let mut status = status.lock().expect("status lock");
+    match outcome {
+        Outcome::Completed => status.completed += 1,
+        Outcome::Cancelled => status.cancelled += 1,
+        Outcome::Failed => {}
     }
-    let prompt_tokens = prompt.len() as u32;
-    if started.send(Ok(prompt_tokens)).is_err() {
-        return Outcome::Cancelled;
-    }
-
-    let mut sampler = Sampler::new(request.sampling.clone());
-    let mut detokenizer = Detokenizer::default();
-    let mut stops = StopMatcher::new(request.stop.clone());
-    let mut completion_tokens = 0u32;
-    // A failed send means the receiver is gone: the client disconnected.
-    let send = |text: String| text.is_empty() || events.blocking_send(GenEvent::Text(text)).is_ok();
-    let mut matched_stop_sequence = false;
-    let finish_reason = loop {
-        let token = sampler.sample(&mut logits);
-        if m.end_tokens.contains(&token) {
-            break FinishReason::Stop;
-        }
-        completion_tokens += 1;
-        if !m.tokenizer.is_special(token) {
-            let (text, stopped) = match stops.push(&detokenizer.push(m.tokenizer.bytes(token))) {
-                StopScan::Emit(t) => (t, false),
-                StopScan::Stopped(t) => (t, true),
-            };
-            if !send(text) {
-                return Outcome::Cancelled;
-            }
-            if stopped {
-                matched_stop_sequence = true;
-                break FinishReason::Stop;
-            }
-        }
-        if completion_tokens as usize >= max_tokens {
-            break FinishReason::Length;
-        }
-        if events.is_closed() {
-            return Outcome::Cancelled;
-        }
-        match m.model.forward(&[token], &mut cache) {
-            Ok(l) => logits = l,
-            Err(e) => {
-                let _ = events
-                    .blocking_send(GenEvent::Error(DuetError::Internal(format!("decode: {e}"))));
-                return Outcome::Failed;
-            }
-        }
-    };
-    if !matched_stop_sequence {
-        // Whatever was held back for a possible stop sequence is part of the answer.
-        let rest = stops.finish();
-        if !send(rest) {
-            return Outcome::Cancelled;
-        }
-    }
-    let done = GenEvent::Done {
-        finish_reason,
-        usage: Usage::new(prompt_tokens, completion_tokens),
-    };
-    if events.blocking_send(done).is_err() {
-        return Outcome::Cancelled;
-    }
-    Outcome::Completed
-}
-
-/// The prompt's tokens and how many may be generated, or why the request cannot fit.
-fn prepare(
-    m: &LoadedModel,
-    config: &StudentConfig,
-    request: &GenerationRequest,
-) -> Result<(Vec<u32>, usize), DuetError> {
-    let prompt = m.prompt_tokens(&request.messages)?;
-    let context = m.model.context();
-    let room = context.saturating_sub(prompt.len());
-    let max_tokens = match request.max_tokens {
-        Some(n) if n > room || room == 0 => {
-            return Err(DuetError::ContextLengthExceeded {
-                context,
-                prompt_tokens: prompt.len(),
-                max_tokens: n,
-            });
-        }
-        Some(n) => n,
-        None if room == 0 => {
-            return Err(DuetError::ContextLengthExceeded {
-                context,
-                prompt_tokens: prompt.len(),
-                max_tokens: 1,
-            });
-        }
-        None => config.max_new_tokens.min(room),
-    };
-    Ok((prompt, max_tokens))
 }

@@ -3,16 +3,20 @@
 //!
 //! candle runs these three formats through scalar Rust loops; profiling SmolLM2 and Qwen2.5
 //! showed 60-70% of generation time inside them. Here the activations are quantized to 8 bits
-//! once per call, every weight block is unpacked to 32 unsigned bytes once, and one
-//! `vpdpbusd` multiplies it with up to four activation rows. Other formats, and CPUs without
-//! VNNI, go through candle's kernels (`weights.rs` decides).
+//! once per call, two weight blocks at a time are unpacked to 64 unsigned bytes (one 512-bit
+//! register), and one `vpdpbusd` per activation row multiplies them with up to eight rows.
+//! Each format's constant offset (Q5_0's 16, Q8_0's 128 after moving signed bytes to unsigned)
+//! is folded into the integer accumulator from sums computed once per activation block, and
+//! Q4_1's minimum into the float one, so the inner loop is five instructions per row and pair.
+//! Other formats, and CPUs without AVX-512 VNNI, go through candle's kernels (`weights.rs`
+//! decides).
 
 use candle_core::quantized::GgmlDType;
 
 /// Values per block in all three formats.
 const BLOCK: usize = 32;
-/// Activation rows that share one unpacked weight block.
-const ROW_TILE: usize = 4;
+/// Activation rows that share one unpacked pair of weight blocks.
+const ROW_TILE: usize = 8;
 /// Weight rows handed to a worker at a time.
 const COLUMN_CHUNK: usize = 16;
 
@@ -37,6 +41,15 @@ impl Format {
             _ => return None,
         };
         cpu_supported().then_some(format)
+    }
+
+    /// What is subtracted from each stored unsigned value (Q4_1's minimum is a float, apart).
+    fn offset(self) -> i32 {
+        match self {
+            Self::Q4_1 => 0,
+            Self::Q5_0 => 16,
+            Self::Q8_0 => 128,
+        }
     }
 
     fn block_bytes(self) -> usize {
@@ -69,29 +82,57 @@ pub fn cpu_supported() -> bool {
     }
 }
 
-/// 32 activations quantized to signed bytes, with the scale and `d * sum(qs)` the offset
-/// terms of each format need.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct ActBlock {
-    qs: [i8; BLOCK],
-    d: f32,
-    ds: f32,
+/// Two blocks (64 values) of activations quantized to signed bytes, laid out the way the
+/// kernels read them: per 32-bit lane of a 512-bit register (4 values; lanes 0-7 are the first
+/// block, 8-15 the second) its block's scale, and the offset terms.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct ActPair {
+    qs: [i8; 2 * BLOCK],
+    /// The block's scale `d`, repeated in its 8 lanes.
+    scale: [f32; 16],
+    /// `-offset * (sum of the lane's 4 values)`: the integer start of `sum((u - offset) * q)`.
+    offset_start: [i32; 16],
+    /// `d * sum(q) / 8` in each of the block's lanes (Q4_1: times the block minimum).
+    mean_term: [f32; 16],
 }
 
-/// Quantizes one row of activations the way llama.cpp's Q8_0/Q8_1 do (scale = max |x| / 127).
-fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
-    for (chunk, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+impl Default for ActPair {
+    fn default() -> Self {
+        Self {
+            qs: [0; 2 * BLOCK],
+            scale: [0.0; 16],
+            offset_start: [0; 16],
+            mean_term: [0.0; 16],
+        }
+    }
+}
+
+/// Quantizes one row of activations the way llama.cpp's Q8_0/Q8_1 do (scale = max |x| / 127),
+/// with `offset` the weights' constant offset. A missing second block of the last pair stays
+/// zero, so it adds nothing whatever the weights hold.
+fn quantize_row(x: &[f32], offset: i32, out: &mut [ActPair]) {
+    for (i, chunk) in x.chunks_exact(BLOCK).enumerate() {
+        let pair = &mut out[i / 2];
+        let half = i % 2;
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
+        // llama.cpp's activation blocks store the scale (and Q8_1's scaled sum) as f16;
+        // rounding them the same way keeps greedy answers the same as llama.cpp's.
+        let f16_round = |v: f32| half::f16::from_f32(v).to_f32();
+        let qs = &mut pair.qs[half * BLOCK..(half + 1) * BLOCK];
         let mut sum = 0i32;
-        for (q, &v) in block.qs.iter_mut().zip(chunk) {
+        for (q, &v) in qs.iter_mut().zip(chunk) {
             *q = (v * inverse).round() as i8;
             sum += *q as i32;
         }
-        block.d = d;
-        block.ds = d * sum as f32;
+        for lane in 0..8 {
+            let lane_sum: i32 = qs[lane * 4..lane * 4 + 4].iter().map(|&q| q as i32).sum();
+            pair.scale[half * 8 + lane] = f16_round(d);
+            pair.offset_start[half * 8 + lane] = -offset * lane_sum;
+            pair.mean_term[half * 8 + lane] = f16_round(d * sum as f32) / 8.0;
+        }
     }
 }
 
@@ -118,21 +159,24 @@ pub fn matmul(
     assert_eq!(lhs.len(), m * k, "activations of {m}x{k}");
     assert!(dst.len() >= m * n, "output of {m}x{n}");
 
+    let pairs_per_row = blocks_per_row.div_ceil(2);
+
     thread_local! {
         // Reused across calls: quantized activations are rebuilt for every product, and a
         // fresh allocation per matrix would be one per layer per token.
-        static SCRATCH: std::cell::RefCell<Vec<ActBlock>> = const { std::cell::RefCell::new(Vec::new()) };
+        static SCRATCH: std::cell::RefCell<Vec<ActPair>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
-        scratch.resize(m * blocks_per_row, ActBlock::default());
+        scratch.clear();
+        scratch.resize(m * pairs_per_row, ActPair::default());
         for (row, out) in lhs
             .chunks_exact(k)
-            .zip(scratch.chunks_exact_mut(blocks_per_row))
+            .zip(scratch.chunks_exact_mut(pairs_per_row))
         {
-            quantize_row(row, out);
+            quantize_row(row, format.offset(), out);
         }
-        let acts: &[ActBlock] = &scratch;
+        let acts: &[ActPair] = &scratch;
         let dst_addr = dst.as_mut_ptr() as usize;
         let chunks = n.div_ceil(COLUMN_CHUNK);
         candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
@@ -140,12 +184,17 @@ pub fn matmul(
             let last = n.min(range.end * COLUMN_CHUNK);
             let mut tile_start = 0;
             while tile_start < m {
-                let tile = ROW_TILE.min(m - tile_start);
+                let tile = match m - tile_start {
+                    8.. => 8,
+                    4..=7 => 4,
+                    2..=3 => 2,
+                    _ => 1,
+                };
                 for col in first..last {
                     let w = &weights[col * row_bytes..(col + 1) * row_bytes];
-                    let rows: [&[ActBlock]; ROW_TILE] = std::array::from_fn(|r| {
+                    let rows: [&[ActPair]; ROW_TILE] = std::array::from_fn(|r| {
                         let i = tile_start + r.min(tile - 1);
-                        &acts[i * blocks_per_row..(i + 1) * blocks_per_row]
+                        &acts[i * pairs_per_row..(i + 1) * pairs_per_row]
                     });
                     let sums = dot_tile(format, w, blocks_per_row, rows, tile);
                     for (r, sum) in sums.iter().take(tile).enumerate() {
@@ -162,27 +211,34 @@ pub fn matmul(
     });
 }
 
-/// Dot products of one weight row with up to four activation rows (`tile` of them are real).
+/// Dot products of one weight row with the first `tile` (1, 2, 4 or 8) activation rows.
 fn dot_tile(
     format: Format,
     w: &[u8],
     blocks: usize,
-    rows: [&[ActBlock]; ROW_TILE],
+    rows: [&[ActPair]; ROW_TILE],
     tile: usize,
 ) -> [f32; ROW_TILE] {
     #[cfg(target_arch = "x86_64")]
     {
         debug_assert!(cpu_supported());
+        macro_rules! by_tile {
+            ($f:literal) => {
+                match tile {
+                    1 => x86::dot::<$f, 1>(w, blocks, rows),
+                    2 => x86::dot::<$f, 2>(w, blocks, rows),
+                    4 => x86::dot::<$f, 4>(w, blocks, rows),
+                    _ => x86::dot::<$f, 8>(w, blocks, rows),
+                }
+            };
+        }
         // SAFETY: `matmul` is only reached through a `Format` from `for_dtype`, which checks
         // the CPU features; slices were length-checked by `matmul`.
         unsafe {
-            match (format, tile) {
-                (Format::Q4_1, 1) => x86::dot::<0, 1>(w, blocks, rows),
-                (Format::Q4_1, _) => x86::dot::<0, ROW_TILE>(w, blocks, rows),
-                (Format::Q5_0, 1) => x86::dot::<1, 1>(w, blocks, rows),
-                (Format::Q5_0, _) => x86::dot::<1, ROW_TILE>(w, blocks, rows),
-                (Format::Q8_0, 1) => x86::dot::<2, 1>(w, blocks, rows),
-                (Format::Q8_0, _) => x86::dot::<2, ROW_TILE>(w, blocks, rows),
+            match format {
+                Format::Q4_1 => by_tile!(0),
+                Format::Q5_0 => by_tile!(1),
+                Format::Q8_0 => by_tile!(2),
             }
         }
     }
@@ -195,7 +251,7 @@ fn dot_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{ActBlock, ROW_TILE};
+    use super::{ActPair, ROW_TILE};
     use std::arch::x86_64::*;
 
     /// Reads a little-endian f16 at `p`.
@@ -204,49 +260,65 @@ mod x86 {
         unsafe { half::f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32() }
     }
 
-    /// 16 bytes of packed nibbles as 32 bytes: low nibbles (values 0..16) then high ones.
+    /// Two blocks' 16 bytes of packed nibbles (the second may be absent: zero) as 64 bytes in
+    /// value order: first block's low nibbles (values 0..16), its high ones, then the second's.
     #[inline(always)]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
+    unsafe fn nibbles(first: *const u8, second: Option<*const u8>) -> __m512i {
         unsafe {
-            let packed = _mm_loadu_si128(p.cast());
-            let mask = _mm_set1_epi8(0x0f);
-            let low = _mm_and_si128(packed, mask);
-            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-            _mm256_set_m128i(high, low)
+            let a = _mm_loadu_si128(first.cast());
+            let b = second.map_or(_mm_setzero_si128(), |p| _mm_loadu_si128(p.cast()));
+            let packed = _mm256_set_m128i(b, a);
+            let mask = _mm256_set1_epi8(0x0f);
+            let low = _mm256_and_si256(packed, mask);
+            let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+            // 128-bit lanes [low a, low b, high a, high b] -> [low a, high a, low b, high b]
+            let z = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+            _mm512_shuffle_i64x2(z, z, 0b11_01_10_00)
         }
     }
 
-    /// Block `p` of format `F` as 32 unsigned bytes `u`, its scale `d`, and `c` such that the
-    /// block's dot product with activations `a` is `d * da * sum(u * qa) + c * da * sum(qa)`.
+    /// Weight blocks `p` and `p + block_bytes` (just `p` when `pair` is false) of format `F` as
+    /// 64 unsigned bytes, their scales per lane, and (Q4_1) their minimums per lane.
     #[inline(always)]
-    unsafe fn unpack<const F: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    unsafe fn unpack<const F: u8>(
+        p: *const u8,
+        block_bytes: usize,
+        pair: bool,
+    ) -> (__m512i, __m512, __m512) {
         unsafe {
+            let second = pair.then(|| p.add(block_bytes));
+            let per_lane =
+                |a: f32, b: f32| _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+            let d = per_lane(f16_at(p), second.map_or(0.0, |q| f16_at(q)));
             match F {
-                0 => (nibbles(p.add(4)), f16_at(p), f16_at(p.add(2))),
+                0 => {
+                    let minimum =
+                        per_lane(f16_at(p.add(2)), second.map_or(0.0, |q| f16_at(q.add(2))));
+                    (nibbles(p.add(4), second.map(|q| q.add(4))), d, minimum)
+                }
                 1 => {
-                    let high_bits =
-                        u32::from_le_bytes([*p.add(2), *p.add(3), *p.add(4), *p.add(5)]);
-                    let fifth = _mm256_maskz_mov_epi8(high_bits, _mm256_set1_epi8(0x10));
-                    let d = f16_at(p);
-                    (_mm256_or_si256(nibbles(p.add(6)), fifth), d, -16.0 * d)
+                    let bits = |q: *const u8| {
+                        u32::from_le_bytes([*q.add(2), *q.add(3), *q.add(4), *q.add(5)]) as u64
+                    };
+                    let high_bits = bits(p) | second.map_or(0, |q| bits(q) << 32);
+                    let fifth = _mm512_maskz_mov_epi8(high_bits, _mm512_set1_epi8(0x10));
+                    let u = _mm512_or_si512(nibbles(p.add(6), second.map(|q| q.add(6))), fifth);
+                    (u, d, _mm512_setzero_ps())
                 }
                 _ => {
                     // Signed bytes moved to 0..=255 by flipping the sign bit (q + 128).
-                    let q = _mm256_loadu_si256(p.add(2).cast());
-                    let d = f16_at(p);
-                    (_mm256_xor_si256(q, _mm256_set1_epi8(-128)), d, -128.0 * d)
+                    let a = _mm256_loadu_si256(p.add(2).cast());
+                    let b = second.map_or(_mm256_setzero_si256(), |q| {
+                        _mm256_loadu_si256(q.add(2).cast())
+                    });
+                    let q = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+                    (
+                        _mm512_xor_si512(q, _mm512_set1_epi8(-128)),
+                        d,
+                        _mm512_setzero_ps(),
+                    )
                 }
             }
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn horizontal_sum(v: __m256) -> f32 {
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            _mm_cvtss_f32(s)
         }
     }
 
@@ -255,30 +327,39 @@ mod x86 {
     pub(super) unsafe fn dot<const F: u8, const R: usize>(
         w: &[u8],
         blocks: usize,
-        rows: [&[ActBlock]; ROW_TILE],
+        rows: [&[ActPair]; ROW_TILE],
     ) -> [f32; ROW_TILE] {
         let block_bytes = w.len() / blocks;
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut offset = [0f32; R];
+        let mut acc = [_mm512_setzero_ps(); R];
         let w = w.as_ptr();
-        for b in 0..blocks {
-            // SAFETY: b < blocks and w holds `blocks` blocks; rows hold `blocks` blocks each.
+        for pair in 0..blocks.div_ceil(2) {
+            // SAFETY: the second block is read only when it exists; rows hold
+            // `blocks.div_ceil(2)` pairs each (checked by `matmul`).
             unsafe {
-                let (u, d, c) = unpack::<F>(w.add(b * block_bytes));
+                let whole = 2 * pair + 1 < blocks;
+                let (u, d, minimum) =
+                    unpack::<F>(w.add(2 * pair * block_bytes), block_bytes, whole);
                 for r in 0..R {
-                    let a = rows[r].get_unchecked(b);
-                    let q = _mm256_loadu_si256(a.qs.as_ptr().cast());
-                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q);
-                    acc[r] =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * a.d), acc[r]);
-                    offset[r] += c * a.ds;
+                    let a = rows[r].get_unchecked(pair);
+                    let start = if F == 0 {
+                        _mm512_setzero_si512()
+                    } else {
+                        _mm512_load_si512(a.offset_start.as_ptr().cast())
+                    };
+                    let dot =
+                        _mm512_dpbusd_epi32(start, u, _mm512_load_si512(a.qs.as_ptr().cast()));
+                    let scale = _mm512_mul_ps(d, _mm512_load_ps(a.scale.as_ptr()));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                    if F == 0 {
+                        acc[r] =
+                            _mm512_fmadd_ps(minimum, _mm512_load_ps(a.mean_term.as_ptr()), acc[r]);
+                    }
                 }
             }
         }
         let mut out = [0f32; ROW_TILE];
         for r in 0..R {
-            // SAFETY: the features were enabled for this function.
-            out[r] = unsafe { horizontal_sum(acc[r]) } + offset[r];
+            out[r] = _mm512_reduce_add_ps(acc[r]);
         }
         out
     }
@@ -293,9 +374,10 @@ mod tests {
 
     /// Every kernel, against candle's dequantized weights times the unquantized activations
     /// (loosely: activations lose precision to 8 bits) and against candle's own quantized
-    /// product, which quantizes activations the same way but keeps their scales in f16
-    /// (within 0.1%), for 1 to 9 activation
-    /// rows (whole and partial row tiles) and a partial column chunk. Activations have a
+    /// product, which quantizes activations the same way (within 0.1%: for Q4_1 candle
+    /// rounds the scaled block sum in f16 arithmetic, llama.cpp and duet round the f32
+    /// product), for 1 to 17 activation
+    /// rows (every tile size, whole and partial) and a partial column chunk. Activations have a
     /// non-zero mean so that each format's offset term matters.
     #[test]
     fn kernels_match_candles_dequantized_reference() {
@@ -303,7 +385,8 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 VNNI");
             return;
         }
-        let (n, k) = (37, 128);
+        // 96 values = 3 blocks: a whole pair and a lone last block.
+        let (n, k) = (37, 96);
         let values: Vec<f32> = (0..n * k)
             .map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * 0.8)
             .collect();
@@ -313,7 +396,7 @@ mod tests {
             let q = QTensor::quantize(&dense, dtype).unwrap();
             let bytes = q.data().unwrap().to_vec();
             let reference = q.dequantize(&Device::Cpu).unwrap();
-            for m in 1..=9 {
+            for m in 1..=17 {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| ((i as f32) * 0.37).sin() + 0.3)
                     .collect();
@@ -372,13 +455,20 @@ mod tests {
     }
 
     #[test]
-    fn quantized_rows_keep_their_sum_and_scale() {
-        let x: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
-        let mut out = [ActBlock::default(); 2];
-        quantize_row(&x, &mut out);
+    fn quantized_rows_carry_scales_and_offset_sums_per_lane() {
+        let x: Vec<f32> = (0..96).map(|i| i as f32 - 20.0).collect();
+        let mut out = [ActPair::default(); 2];
+        quantize_row(&x, 16, &mut out);
         assert_eq!(out[0].qs[0], -127); // -20 is the largest magnitude of the first block
-        assert!((out[0].d - 20.0 / 127.0).abs() < 1e-6);
-        let sum: i32 = out[1].qs.iter().map(|&q| q as i32).sum();
-        assert!((out[1].ds - out[1].d * sum as f32).abs() < 1e-4);
+        assert!((out[0].scale[7] - 20.0 / 127.0).abs() < 1e-4);
+        assert!((out[0].scale[8] - 43.0 / 127.0).abs() < 1e-4); // second block: up to 43
+        let lane: i32 = out[0].qs[4..8].iter().map(|&q| q as i32).sum();
+        assert_eq!(out[0].offset_start[1], -16 * lane);
+        let block: i32 = out[1].qs[..32].iter().map(|&q| q as i32).sum();
+        let scaled_sum = out[1].scale[3] * block as f32; // both sides rounded to f16
+        assert!((out[1].mean_term[3] * 8.0 - scaled_sum).abs() <= 2e-3 * scaled_sum.abs());
+        // Three blocks: the last pair's second half stays empty.
+        assert_eq!(out[1].qs[32..], [0; 32]);
+        assert_eq!(out[1].scale[8..], [0.0; 8]);
     }
 }

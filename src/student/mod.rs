@@ -1,14 +1,19 @@
 //! The local student model: loaded lazily, exactly once, on its own engine thread, and
 //! served through the [`ChatBackend`] trait.
 
+pub mod attention;
 pub mod detokenizer;
 pub mod engine;
 pub mod footprint;
 pub mod gguf;
 pub mod kernels;
+pub mod kv_cache;
 pub mod loaded;
 pub mod model;
+pub mod ops;
+pub mod prompt_cache;
 pub mod sampler;
+pub mod sequence;
 pub mod source;
 pub mod stop;
 pub mod template;

@@ -1,20 +1,25 @@
-//! The decoder-only transformer behind `llama` and `qwen2` GGUF files, run with candle.
+//! The decoder-only transformer behind `llama` and `qwen2` GGUF files.
 //!
 //! Every weight matrix, the token-embedding table included, stays in the GGUF's quantized
 //! format in memory: embedding rows are dequantized only for the tokens being looked up.
 //! That is what keeps duet's resident memory close to the file size (candle's reference
 //! loaders expand the embedding table to f32, which more than doubles it for small models).
-//! The key/value cache lives outside the model in [`KvCache`], so one loaded model can
-//! serve any number of sequences.
+//! The forward pass works on plain `f32` rows in buffers reused from pass to pass (no
+//! allocation per token): matrix products go to `kernels.rs` or candle's quantized kernels,
+//! the rest to `ops.rs` and `attention.rs`. The key/value caches live outside the model
+//! ([`KvCache`]), so one loaded model serves any number of sequences, several per pass.
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file::TensorInfo;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
+use super::attention::{Heads, attend};
 use super::gguf::{Architecture, GgufHeader};
+pub use super::kv_cache::KvCache;
+use super::ops::{self, Rope, RopeLayout};
 use super::weights::QuantMatrix;
 use crate::error::DuetError;
 
@@ -79,82 +84,55 @@ impl ModelShape {
     }
 }
 
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
-    }
-}
-
 /// A linear layer with quantized weights and, for qwen2's q/k/v, an f32 bias.
 struct Linear {
     weight: QuantMatrix,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.matmul(x)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+    /// `out = x @ weight^T (+ bias)` for `rows` rows.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) -> candle_core::Result<()> {
+        out.resize(rows * self.weight.out_features(), 0.0);
+        self.weight.matmul(x, rows, out)?;
+        if let Some(bias) = &self.bias {
+            ops::add_bias(out, bias);
         }
+        Ok(())
     }
 }
 
 struct Layer {
-    attn_norm: RmsNorm,
+    attn_norm: Vec<f32>,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    ffn_norm: RmsNorm,
+    ffn_norm: Vec<f32>,
     gate: Linear,
     up: Linear,
     down: Linear,
 }
 
-/// Per-sequence key/value cache: one (keys, values) pair per layer, grown as tokens arrive,
-/// so its memory is what the sequence actually uses.
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+/// One sequence's part of a forward pass: its next tokens and its cache.
+pub struct Step<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
 }
 
-impl KvCache {
-    pub fn new(layers: usize) -> Self {
-        Self {
-            layers: vec![None; layers],
-            len: 0,
-        }
-    }
-
-    /// Tokens held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn append(
-        &mut self,
-        layer: usize,
-        k: Tensor,
-        v: Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let kv = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[layer] = Some(kv.clone());
-        Ok(kv)
-    }
+/// Activation buffers, kept between passes so that decoding allocates nothing per token.
+#[derive(Default)]
+struct Buffers {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attended: Vec<f32>,
+    projected: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    last: Vec<f32>,
 }
 
 /// A loaded model: quantized weights and rotary tables, shareable across sequences.
@@ -162,11 +140,10 @@ pub struct Transformer {
     pub shape: ModelShape,
     embed: Arc<QuantMatrix>,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Vec<f32>,
     output: Arc<QuantMatrix>,
-    cos: Tensor,
-    sin: Tensor,
-    device: Device,
+    rope: Rope,
+    buffers: Mutex<Buffers>,
 }
 
 impl Transformer {
@@ -180,30 +157,25 @@ impl Transformer {
     ) -> Result<Self, DuetError> {
         let file = File::open(path)
             .map_err(|e| DuetError::ModelLoad(format!("cannot open {}: {e}", path.display())))?;
-        let mut src = TensorSource {
-            header,
-            file,
-            device: Device::Cpu,
-            eps: shape.rms_eps,
-        };
+        let mut src = TensorSource { header, file };
         let qkv_bias = shape.architecture == Architecture::Qwen2;
         let layers = (0..shape.layers)
             .map(|i| {
                 let p = format!("blk.{i}");
                 Ok(Layer {
-                    attn_norm: src.norm(&format!("{p}.attn_norm"))?,
+                    attn_norm: src.vector(&format!("{p}.attn_norm.weight"))?,
                     q: src.linear(&format!("{p}.attn_q"), qkv_bias)?,
                     k: src.linear(&format!("{p}.attn_k"), qkv_bias)?,
                     v: src.linear(&format!("{p}.attn_v"), qkv_bias)?,
                     o: src.linear(&format!("{p}.attn_output"), false)?,
-                    ffn_norm: src.norm(&format!("{p}.ffn_norm"))?,
+                    ffn_norm: src.vector(&format!("{p}.ffn_norm.weight"))?,
                     gate: src.linear(&format!("{p}.ffn_gate"), false)?,
                     up: src.linear(&format!("{p}.ffn_up"), false)?,
                     down: src.linear(&format!("{p}.ffn_down"), false)?,
                 })
             })
             .collect::<Result<Vec<_>, DuetError>>()?;
-        let norm = src.norm("output_norm")?;
+        let norm = src.vector("output_norm.weight")?;
         let embed = Arc::new(src.matrix("token_embd.weight")?);
         // Models with tied embeddings have no output.weight: the head shares the table.
         let output = if header.content.tensor_infos.contains_key("output.weight") {
@@ -211,140 +183,112 @@ impl Transformer {
         } else {
             embed.clone()
         };
-        let device = src.device;
-        let (cos, sin) = rotary_tables(shape.head_dim, shape.rope_theta, context, &device)?;
+        // llama.cpp's converter permutes llama's q/k rows for interleaved rotation; qwen2
+        // keeps the original halves layout.
+        let layout = match shape.architecture {
+            Architecture::Llama => RopeLayout::Interleaved,
+            Architecture::Qwen2 => RopeLayout::Halves,
+        };
+        let rope = Rope::new(shape.head_dim, shape.rope_theta, context, layout);
         Ok(Self {
             shape,
             embed,
             layers,
             norm,
             output,
-            cos,
-            sin,
-            device,
+            rope,
+            buffers: Mutex::new(Buffers::default()),
         })
     }
 
     /// Runs `tokens` (the next positions of the sequence held in `cache`) through the
     /// model and returns the logits of the last one, as a `vocab`-long vector.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
-        let pos = cache.len;
-        let t = tokens.len();
-        let mut x = self.embed.rows(tokens)?.unsqueeze(0)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        let mask = (t > 1)
-            .then(|| causal_mask(t, pos, &self.device))
-            .transpose()?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(i, layer, &h, pos, &cos, &sin, mask.as_ref(), cache)?;
-            let x1 = (h + residual)?;
-            let h = layer.ffn_norm.forward(&x1)?;
-            let h = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
-            x = (layer.down.forward(&h)? + &x1)?;
-        }
-        cache.len += t;
-        let last = x.narrow(1, t - 1, 1)?;
-        let logits = self.output.matmul(&self.norm.forward(&last)?)?;
-        logits.flatten_all()?.to_vec1::<f32>()
+        let mut logits = Vec::new();
+        self.forward_batch(&mut [Step { tokens, cache }], &mut logits)?;
+        Ok(logits)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
+    /// Runs several sequences' next tokens in one pass: every matrix product sees all their
+    /// rows at once, so each weight is read once per pass, not once per sequence; only
+    /// attention runs per sequence, against its own cache. Leaves in `logits` each
+    /// sequence's `vocab` logits for its last token, one after the other.
+    pub fn forward_batch(
         &self,
-        index: usize,
-        layer: &Layer,
-        x: &Tensor,
-        pos: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> candle_core::Result<Tensor> {
+        steps: &mut [Step<'_>],
+        logits: &mut Vec<f32>,
+    ) -> candle_core::Result<()> {
         let s = &self.shape;
-        let (b, t, _) = x.dims3()?;
-        let heads = |lin: &Linear, n: usize| -> candle_core::Result<Tensor> {
-            lin.forward(x)?
-                .reshape((b, t, n, s.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let mut guard = self.buffers.lock().expect("buffers lock");
+        let b = &mut *guard;
+        let mut ids = Vec::with_capacity(steps.len());
+        for step in steps.iter_mut() {
+            let (pos, t) = (step.cache.len(), step.tokens.len());
+            if t == 0 || pos + t > self.context() {
+                candle_core::bail!("{t} tokens after {pos} do not fit the context");
+            }
+            step.cache.resize(pos + t, false);
+            ids.extend_from_slice(step.tokens);
+        }
+        let rows = ids.len();
+        let eps = s.rms_eps as f32;
+        let heads = Heads {
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
         };
-        let q = self.rope(&heads(&layer.q, s.heads)?, cos, sin)?;
-        let k = self.rope(&heads(&layer.k, s.kv_heads)?, cos, sin)?;
-        let v = heads(&layer.v, s.kv_heads)?;
-        let (k, v) = cache.append(index, k, v)?;
-        let kv_len = pos + t;
-        // Grouped-query attention without copying keys: the query heads that share a
-        // key/value head are stacked along the sequence axis of that head.
-        let group = s.heads / s.kv_heads;
-        let q = q.reshape((b, s.kv_heads, group * t, s.head_dim))?;
-        let scale = 1.0 / (s.head_dim as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            att = att
-                .reshape((b, s.kv_heads, group, t, kv_len))?
-                .broadcast_add(mask)?
-                .reshape((b, s.kv_heads, group * t, kv_len))?;
+        let (q_row, kv_row) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        self.embed.rows(&ids, &mut b.x)?;
+        b.normed.resize(rows * s.hidden, 0.0);
+        b.attended.resize(rows * q_row, 0.0);
+        for (i, layer) in self.layers.iter().enumerate() {
+            ops::rms_norm(&b.x, &layer.attn_norm, eps, &mut b.normed);
+            layer.q.forward(&b.normed, rows, &mut b.q)?;
+            layer.k.forward(&b.normed, rows, &mut b.k)?;
+            layer.v.forward(&b.normed, rows, &mut b.v)?;
+            let mut offset = 0;
+            for step in steps.iter_mut() {
+                let (pos, t) = (step.cache.len(), step.tokens.len());
+                let q = &mut b.q[offset * q_row..(offset + t) * q_row];
+                let k = &mut b.k[offset * kv_row..(offset + t) * kv_row];
+                self.rope.apply(q, s.heads, pos);
+                self.rope.apply(k, s.kv_heads, pos);
+                let v = &b.v[offset * kv_row..(offset + t) * kv_row];
+                step.cache.write(i, pos, k, v);
+                let (keys, values) = step.cache.layer(i, pos + t);
+                let out = &mut b.attended[offset * q_row..(offset + t) * q_row];
+                attend(heads, q, keys, values, pos, out);
+                offset += t;
+            }
+            layer.o.forward(&b.attended, rows, &mut b.projected)?;
+            ops::add(&mut b.x, &b.projected);
+            ops::rms_norm(&b.x, &layer.ffn_norm, eps, &mut b.normed);
+            layer.gate.forward(&b.normed, rows, &mut b.gate)?;
+            layer.up.forward(&b.normed, rows, &mut b.up)?;
+            ops::silu_mul(&mut b.gate, &b.up);
+            layer.down.forward(&b.gate, rows, &mut b.projected)?;
+            ops::add(&mut b.x, &b.projected);
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?; // (b, kv_heads, group * t, head_dim)
-        let y = y
-            .reshape((b, s.heads, t, s.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, t, s.heads * s.head_dim))?;
-        layer.o.forward(&y)
-    }
-
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        // llama.cpp's converter permutes llama's q/k rows for interleaved rotation; qwen2
-        // keeps the original halves layout (llama.cpp's "neox" rope).
-        match self.shape.architecture {
-            Architecture::Llama => candle_nn::rotary_emb::rope_i(x, cos, sin),
-            Architecture::Qwen2 => candle_nn::rotary_emb::rope(x, cos, sin),
+        // Only each sequence's last row is needed beyond this point.
+        b.last.clear();
+        let mut end = 0;
+        for step in steps.iter_mut() {
+            end += step.tokens.len();
+            b.last
+                .extend_from_slice(&b.x[(end - 1) * s.hidden..end * s.hidden]);
+            step.cache.advance(step.tokens.len());
         }
+        b.normed.resize(b.last.len(), 0.0);
+        ops::rms_norm(&b.last, &self.norm, eps, &mut b.normed[..b.last.len()]);
+        logits.resize(steps.len() * s.vocab, 0.0);
+        self.output
+            .matmul(&b.normed[..b.last.len()], steps.len(), logits)
     }
 
     /// The longest sequence (prompt plus generated tokens) this instance accepts.
     pub fn context(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
+        self.rope.positions()
     }
-}
-
-fn rotary_tables(
-    head_dim: usize,
-    theta: f32,
-    context: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor), DuetError> {
-    let inv_freq: Vec<f32> = (0..head_dim)
-        .step_by(2)
-        .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
-        .collect();
-    let half = inv_freq.len();
-    let build = || -> candle_core::Result<(Tensor, Tensor)> {
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let positions = Tensor::arange(0u32, context as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((context, 1))?;
-        let freqs = positions.broadcast_mul(&inv_freq)?;
-        Ok((freqs.cos()?, freqs.sin()?))
-    };
-    build().map_err(load_err)
-}
-
-/// Additive mask for `t` new queries after `pos` cached positions: -inf above the diagonal.
-fn causal_mask(t: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let kv_len = pos + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..kv_len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (t, kv_len), device)
-}
-
-fn load_err(e: candle_core::Error) -> DuetError {
-    DuetError::ModelLoad(e.to_string())
 }
 
 /// Index of the largest logit (greedy decoding); used by tests and the sampler.
@@ -362,8 +306,6 @@ pub fn argmax(logits: &[f32]) -> u32 {
 struct TensorSource<'a> {
     header: &'a GgufHeader,
     file: File,
-    device: Device,
-    eps: f64,
 }
 
 impl<'a> TensorSource<'a> {
@@ -382,15 +324,16 @@ impl<'a> TensorSource<'a> {
             .map_err(|e| DuetError::ModelLoad(format!("tensor {name}: {e}")))
     }
 
-    /// A small float vector (norm weights, biases) as an f32 tensor.
-    fn vector(&mut self, name: &str) -> Result<Tensor, DuetError> {
+    /// A small float vector (norm weights, biases), as f32 values.
+    fn vector(&mut self, name: &str) -> Result<Vec<f32>, DuetError> {
         let info = self.info(name)?;
         info.read(
             &mut self.file,
             self.header.content.tensor_data_offset,
-            &self.device,
+            &Device::Cpu,
         )
-        .and_then(|q| q.dequantize(&self.device))
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
         .map_err(|e| DuetError::ModelLoad(format!("tensor {name}: {e}")))
     }
 
@@ -402,12 +345,5 @@ impl<'a> TensorSource<'a> {
             None
         };
         Ok(Linear { weight, bias })
-    }
-
-    fn norm(&mut self, name: &str) -> Result<RmsNorm, DuetError> {
-        Ok(RmsNorm {
-            weight: self.vector(&format!("{name}.weight"))?,
-            eps: self.eps,
-        })
     }
 }

@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
+use candle_core::CpuStorage;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::gguf_file::TensorInfo;
 use candle_core::quantized::k_quants::{
@@ -17,7 +18,6 @@ use candle_core::quantized::k_quants::{
     BlockQ8_0, BlockQ8_1, BlockQ8K, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QuantizedType};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 
 use super::kernels::{self, Format};
 
@@ -69,19 +69,39 @@ impl QuantMatrix {
         })
     }
 
-    /// `x @ self^T`: the last dimension of `x` (f32) must be `cols`.
-    pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
+    /// `out = x @ self^T` for `m` rows of `cols` values; `out` holds `m * rows` values.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> candle_core::Result<()> {
+        if x.len() != m * self.cols || out.len() != m * self.rows {
+            candle_core::bail!(
+                "{m} rows of {} activations do not fit a {}x{} matrix",
+                x.len() / m.max(1),
+                self.rows,
+                self.cols
+            );
+        }
+        let mkn = (m, self.cols, self.rows);
+        match self.kernel {
+            Some(format) => kernels::matmul(format, self.raw(), mkn, x, out),
+            None => self.blocks.matmul_t(mkn, x, out)?,
+        }
+        Ok(())
     }
 
-    /// Rows `ids`, dequantized to f32: a `(ids.len(), cols)` tensor.
-    pub fn rows(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+    /// Rows `ids`, dequantized: `ids.len() * cols` values into `out`.
+    pub fn rows(&self, ids: &[u32], out: &mut Vec<f32>) -> candle_core::Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.rows) {
+            candle_core::bail!("token {bad} is outside a table of {} rows", self.rows);
+        }
         match self.blocks.embedding(ids, self.rows, self.cols)? {
-            CpuStorage::F32(values) => {
-                Tensor::from_vec(values, (ids.len(), self.cols), &Device::Cpu)
-            }
+            CpuStorage::F32(values) => *out = values,
             other => candle_core::bail!("embedding rows came back as {:?}", other.dtype()),
         }
+        Ok(())
+    }
+
+    /// Values per row of the product (the matrix's rows).
+    pub fn out_features(&self) -> usize {
+        self.rows
     }
 
     /// Bytes held.
@@ -94,44 +114,6 @@ impl QuantMatrix {
         // SAFETY: `as_ptr` points at the `Vec` of blocks, `storage_size_in_bytes` long, which
         // lives as long as `self`.
         unsafe { std::slice::from_raw_parts(self.blocks.as_ptr(), self.bytes()) }
-    }
-}
-
-impl CustomOp1 for QuantMatrix {
-    fn name(&self) -> &'static str {
-        "duet-quant-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(values) = storage else {
-            candle_core::bail!(
-                "quantized matmul takes f32 activations, got {:?}",
-                storage.dtype()
-            );
-        };
-        let shape = layout.shape();
-        let k = shape.dims().last().copied().unwrap_or(0);
-        if k != self.cols || !layout.is_contiguous() {
-            candle_core::bail!(
-                "activations {shape:?} do not fit a {}x{} matrix",
-                self.rows,
-                self.cols
-            );
-        }
-        let lhs = &values[layout.start_offset()..layout.start_offset() + shape.elem_count()];
-        let m = shape.elem_count() / k;
-        let mut out = vec![0f32; m * self.rows];
-        match self.kernel {
-            Some(format) => kernels::matmul(format, self.raw(), (m, k, self.rows), lhs, &mut out),
-            None => self.blocks.matmul_t((m, k, self.rows), lhs, &mut out)?,
-        }
-        let mut dims = shape.dims().to_vec();
-        *dims.last_mut().expect("checked above") = self.rows;
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
@@ -163,73 +145,68 @@ fn read_blocks<T: GgmlType + Send + Sync + 'static>(
 mod tests {
     use super::*;
     use candle_core::quantized::{QTensor, gguf_file};
+    use candle_core::{Device, Tensor};
 
-    /// Writes a GGUF holding one Q8_0 matrix, reads it back through `QuantMatrix`, and
-    /// checks products and rows against candle's dequantized reference.
+    /// Writes a GGUF holding one matrix, reads it back through `QuantMatrix`, and checks
+    /// products and rows against candle's dequantized reference: Q8_0 goes through duet's
+    /// kernel (on CPUs that have it), Q4_K through candle's.
     #[test]
     fn matches_candles_dequantized_reference() {
-        let (rows, cols) = (48, 64);
+        let (rows, cols) = (48, 256);
         let values: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.gguf");
-        let mut out = File::create(&path).unwrap();
-        gguf_file::write(&mut out, &[], &[("w", &q)]).unwrap();
-        drop(out);
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let q = QTensor::quantize(&dense, dtype).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.gguf");
+            let mut out = File::create(&path).unwrap();
+            gguf_file::write(&mut out, &[], &[("w", &q)]).unwrap();
+            drop(out);
 
-        let mut file = File::open(&path).unwrap();
-        let content = gguf_file::Content::read(&mut file).unwrap();
-        let m = QuantMatrix::read(
-            &mut file,
-            &content.tensor_infos["w"],
-            content.tensor_data_offset,
-        )
-        .unwrap();
-        let reference = q.dequantize(&Device::Cpu).unwrap();
+            let mut file = File::open(&path).unwrap();
+            let content = gguf_file::Content::read(&mut file).unwrap();
+            let m = QuantMatrix::read(
+                &mut file,
+                &content.tensor_infos["w"],
+                content.tensor_data_offset,
+            )
+            .unwrap();
+            let reference = q.dequantize(&Device::Cpu).unwrap();
 
-        let x = Tensor::from_vec(
-            (0..2 * cols).map(|i| (i as f32).sin()).collect::<Vec<_>>(),
-            (1, 2, cols),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let ours = m
-            .matmul(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let expected = x
-            .broadcast_matmul(&reference.t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        // Activations are quantized to 8 bits too, so allow 1% of each dot product's
-        // absolute mass.
-        let mass = x
-            .abs()
-            .unwrap()
-            .broadcast_matmul(&reference.abs().unwrap().t().unwrap())
-            .unwrap();
-        let mass = mass.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for ((a, b), m) in ours.iter().zip(&expected).zip(&mass) {
-            assert!((a - b).abs() <= 0.01 * m, "{a} vs {b} (mass {m})");
+            let x: Vec<f32> = (0..2 * cols).map(|i| (i as f32).sin() + 0.2).collect();
+            let mut ours = vec![0f32; 2 * rows];
+            m.matmul(&x, 2, &mut ours).unwrap();
+            let xt = Tensor::from_vec(x, (2, cols), &Device::Cpu).unwrap();
+            let expected = xt.matmul(&reference.t().unwrap()).unwrap();
+            let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // Activations are quantized to 8 bits too, so allow 1% of each dot product's
+            // absolute mass.
+            let mass = xt
+                .abs()
+                .unwrap()
+                .matmul(&reference.abs().unwrap().t().unwrap())
+                .unwrap();
+            let mass = mass.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for ((a, b), m) in ours.iter().zip(&expected).zip(&mass) {
+                assert!(
+                    (a - b).abs() <= 0.01 * m,
+                    "{dtype:?}: {a} vs {b} (mass {m})"
+                );
+            }
+            let mut row = Vec::new();
+            m.rows(&[5], &mut row).unwrap();
+            let expected_row = reference.get(5).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(row, expected_row);
+            assert!(
+                m.rows(&[rows as u32], &mut row).is_err(),
+                "a token outside the table"
+            );
+            assert!(
+                m.matmul(&[0.0; 3], 1, &mut [0.0; 48]).is_err(),
+                "a wrong width"
+            );
         }
-        let row = m
-            .rows(&[5])
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let expected_row = reference.get(5).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(row, expected_row);
-        assert_eq!(m.bytes(), rows * cols / 32 * 34);
     }
 }
