@@ -62,6 +62,8 @@ def stream(port, model, messages, max_tokens):
     start = time.perf_counter()
     c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     r = c.getresponse()
+    if r.status != 200:
+        sys.exit(f"the server on port {port} answered {r.status}: {r.read()[:300]!r}")
     stamps, text = [], []
     for raw in r:
         line = raw.decode(errors="replace").strip()
@@ -96,7 +98,8 @@ def aggregate_rate(port, model, tag, streams):
     results = [None] * streams
 
     def one(i):
-        messages = [{"role": "user", "content": f"Story {tag} {i}: tell a long story about a lighthouse."}]
+        # A prompt both models answer at length, so that decoding dominates.
+        messages = [{"role": "user", "content": f"({tag}) Count from {i + 1} to 300, one number per line."}]
         results[i] = stream(port, model, messages, 128)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
@@ -105,7 +108,7 @@ def aggregate_rate(port, model, tag, streams):
     for t in threads:
         t.join()
     tokens = sum(len(r[1]) for r in results)
-    return tokens / (max(r[1][-1] for r in results) - min(r[0] for r in results))
+    return tokens / (max(r[1][-1] for r in results if r[1]) - min(r[0] for r in results))
 
 
 def bench(model_path, rounds, threads, llama_python):
@@ -116,7 +119,9 @@ def bench(model_path, rounds, threads, llama_python):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     llama = subprocess.Popen([llama_python, "-m", "llama_cpp.server", "--model", model_path, "--port", str(lp),
                               "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                              "--n_ctx", "2048", "--verbose", "false"],
+                              "--n_ctx", "2048", "--verbose", "false",
+                              # queue concurrent requests instead of cutting the running one
+                              "--interrupt_requests", "false"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(dp, duet)

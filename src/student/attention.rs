@@ -3,6 +3,9 @@
 //! (row, head) on candle's CPU thread pool. Each row is computed alone, in a fixed order
 //! (see `ops.rs` on why that matters).
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use super::ops::dot;
 
 /// The attention geometry of a model.
@@ -16,98 +19,279 @@ pub struct Heads {
 /// For `t` query rows at positions `pos..pos + t` (`queries`: `t * heads * head_dim`), attends
 /// over cache positions `0..=own position` (`keys`/`values`: `[position][kv_head][head_dim]`)
 /// and writes `t * heads * head_dim` values to `out`.
+///
+/// A work item is one row and one key/value head with all the query heads that share it,
+/// so each cached key and value is widened from f16 once per item, not once per query head.
 pub fn attend(
     h: Heads,
     queries: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[f16],
+    values: &[f16],
     pos: usize,
     out: &mut [f32],
 ) {
     let row = h.heads * h.head_dim;
-    let kv_row = h.kv_heads * h.head_dim;
     let t = queries.len() / row;
     let group = h.heads / h.kv_heads;
     let scale = 1.0 / (h.head_dim as f32).sqrt();
     let out_addr = out.as_mut_ptr() as usize;
 
-    thread_local! {
-        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    candle_core::utils::barrier_pool().execute_chunked(t * h.heads, |items| {
-        SCORES.with(|scores| {
-            let mut scores = scores.borrow_mut();
+    let fast = simd_supported(h.head_dim);
+    candle_core::utils::barrier_pool().execute_chunked(t * h.kv_heads, |items| {
+        SCRATCH.with(|scratch| {
+            let scratch = &mut *scratch.borrow_mut();
             for item in items {
-                let (i, head) = (item / h.heads, item % h.heads);
-                let kv_head = head / group;
-                let len = pos + i + 1;
-                let q = &queries[i * row + head * h.head_dim..][..h.head_dim];
-                scores.clear();
-                scores.extend((0..len).map(|j| {
-                    dot(q, &keys[j * kv_row + kv_head * h.head_dim..][..h.head_dim]) * scale
-                }));
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let mut total = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                // SAFETY: every (row, head) slice of `out` belongs to exactly one item, and
-                // `out` outlives `execute_chunked`, which returns when all items are done.
+                let (i, kv_head) = (item / h.kv_heads, item % h.kv_heads);
+                let first_head = kv_head * group;
+                let q = &queries[i * row + first_head * h.head_dim..][..group * h.head_dim];
+                let item = Item {
+                    h,
+                    kv_head,
+                    len: pos + i + 1,
+                    scale,
+                };
+                // SAFETY: the query heads of one (row, key/value head) are a contiguous
+                // slice of `out` that belongs to this item alone, and `out` outlives
+                // `execute_chunked`, which returns when all items are done.
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(
-                        (out_addr as *mut f32).add(i * row + head * h.head_dim),
-                        h.head_dim,
+                        (out_addr as *mut f32).add(i * row + first_head * h.head_dim),
+                        group * h.head_dim,
                     )
                 };
-                o.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    let v = &values[j * kv_row + kv_head * h.head_dim..][..h.head_dim];
-                    let w = p / total;
-                    for (a, &b) in o.iter_mut().zip(v) {
-                        *a += w * b;
-                    }
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: `simd_supported` checked the CPU and the head size.
+                    unsafe { x86::attend_item(&item, q, keys, values, scratch, o) };
+                    continue;
                 }
+                let _ = fast;
+                attend_item(&item, q, keys, values, scratch, o);
             }
         });
     });
+}
+
+/// One work item: a row's query heads that share key/value head `kv_head`.
+struct Item {
+    h: Heads,
+    kv_head: usize,
+    /// Cache positions the row sees (its own included).
+    len: usize,
+    scale: f32,
+}
+
+/// Per worker: scores (`group` rows of the sequence's length) and one widened key/value.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    wide: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Whether the AVX-512 path runs for heads of `head_dim` values on this CPU.
+fn simd_supported(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(16) && super::kernels::cpu_supported()
+}
+
+/// Any CPU: each cached key and value widened to f32 once per item.
+fn attend_item(
+    item: &Item,
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    let (hd, len) = (item.h.head_dim, item.len);
+    let kv_row = item.h.kv_heads * hd;
+    scratch.scores.resize(q.len() / hd * len, 0.0);
+    scratch.wide.resize(hd, 0.0);
+    for j in 0..len {
+        let key = &keys[j * kv_row + item.kv_head * hd..][..hd];
+        key.convert_to_f32_slice(&mut scratch.wide);
+        for (g, q) in q.chunks_exact(hd).enumerate() {
+            scratch.scores[g * len + j] = dot(q, &scratch.wide) * item.scale;
+        }
+    }
+    softmax_rows(&mut scratch.scores, len);
+    out.fill(0.0);
+    for j in 0..len {
+        let value = &values[j * kv_row + item.kv_head * hd..][..hd];
+        value.convert_to_f32_slice(&mut scratch.wide);
+        for (g, o) in out.chunks_exact_mut(hd).enumerate() {
+            add_scaled(o, scratch.scores[g * len + j], &scratch.wide);
+        }
+    }
+}
+
+/// Each `len`-long row of `scores` becomes its softmax.
+fn softmax_rows(scores: &mut [f32], len: usize) {
+    for row in scores.chunks_exact_mut(len) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut total = 0f32;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        for s in row.iter_mut() {
+            *s /= total;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Item, Scratch, f16, softmax_rows};
+    use std::arch::x86_64::*;
+
+    /// [`super::attend_item`] with keys and values widened inside 512-bit registers, 16
+    /// values at a time; `head_dim` must be a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
+    pub(super) unsafe fn attend_item(
+        item: &Item,
+        q: &[f32],
+        keys: &[f16],
+        values: &[f16],
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let (hd, len) = (item.h.head_dim, item.len);
+        let kv_row = item.h.kv_heads * hd;
+        let group = q.len() / hd;
+        let base = item.kv_head * hd;
+        assert!(keys.len() >= (len - 1) * kv_row + base + hd && values.len() >= keys.len());
+        scratch.scores.resize(group * len, 0.0);
+        let (keys, values, q) = (
+            keys.as_ptr().cast::<u16>(),
+            values.as_ptr().cast::<u16>(),
+            q.as_ptr(),
+        );
+        // SAFETY: every pointer below stays inside the slices checked above.
+        unsafe {
+            for j in 0..len {
+                let key = keys.add(j * kv_row + base);
+                for g in 0..group {
+                    let mut acc = _mm512_setzero_ps();
+                    for c in (0..hd).step_by(16) {
+                        let k = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(c).cast()));
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(g * hd + c)), k, acc);
+                    }
+                    scratch.scores[g * len + j] = _mm512_reduce_add_ps(acc) * item.scale;
+                }
+            }
+            softmax_rows(&mut scratch.scores, len);
+            for g in 0..group {
+                let weights = &scratch.scores[g * len..(g + 1) * len];
+                for c in (0..hd).step_by(16) {
+                    let mut acc = _mm512_setzero_ps();
+                    for (j, &w) in weights.iter().enumerate() {
+                        let v = _mm512_cvtph_ps(_mm256_loadu_si256(
+                            values.add(j * kv_row + base + c).cast(),
+                        ));
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(w), v, acc);
+                    }
+                    _mm512_storeu_ps(out.as_mut_ptr().add(g * hd + c), acc);
+                }
+            }
+        }
+    }
+}
+
+/// `out += w * v`.
+fn add_scaled(out: &mut [f32], w: f32, v: &[f32]) {
+    for (o, &x) in out.iter_mut().zip(v) {
+        *o += w * x;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Against a direct evaluation of softmax(q k^T / sqrt(d)) v with the causal limit, for
-    /// two query heads sharing one key/value head.
-    #[test]
-    fn matches_a_direct_evaluation() {
-        let h = Heads {
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 3,
-        };
-        let (pos, t) = (2, 2);
-        let keys: Vec<f32> = (0..(pos + t) * 3)
-            .map(|i| ((i * 5 % 7) as f32) / 7.0)
-            .collect();
-        let values: Vec<f32> = (0..(pos + t) * 3).map(|i| i as f32).collect();
-        let queries: Vec<f32> = (0..t * 6).map(|i| (i as f32 * 0.3).cos()).collect();
-        let mut out = vec![0.0; t * 6];
-        attend(h, &queries, &keys, &values, pos, &mut out);
+    /// softmax(q k^T / sqrt(d)) v over positions `0..=own`, evaluated directly.
+    fn direct(h: Heads, queries: &[f32], keys: &[f16], values: &[f16], pos: usize) -> Vec<f32> {
+        let (hd, row, kv_row) = (h.head_dim, h.heads * h.head_dim, h.kv_heads * h.head_dim);
+        let t = queries.len() / row;
+        let mut out = vec![0.0; queries.len()];
         for i in 0..t {
-            for head in 0..2 {
-                let q = &queries[i * 6 + head * 3..][..3];
+            for head in 0..h.heads {
+                let kv = head / (h.heads / h.kv_heads);
+                let q = &queries[i * row + head * hd..][..hd];
                 let len = pos + i + 1;
                 let logits: Vec<f32> = (0..len)
-                    .map(|j| (0..3).map(|d| q[d] * keys[j * 3 + d]).sum::<f32>() / 3f32.sqrt())
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| q[d] * keys[j * kv_row + kv * hd + d].to_f32())
+                            .sum::<f32>()
+                            / (hd as f32).sqrt()
+                    })
                     .collect();
                 let z: f32 = logits.iter().map(|l| l.exp()).sum();
-                for d in 0..3 {
-                    let expected: f32 = (0..len)
-                        .map(|j| logits[j].exp() / z * values[j * 3 + d])
+                for d in 0..hd {
+                    out[i * row + head * hd + d] = (0..len)
+                        .map(|j| logits[j].exp() / z * values[j * kv_row + kv * hd + d].to_f32())
                         .sum();
-                    let got = out[i * 6 + head * 3 + d];
-                    assert!((got - expected).abs() < 1e-4, "{got} vs {expected}");
+                }
+            }
+        }
+        out
+    }
+
+    /// Both paths against the direct evaluation: head_dim 3 (portable only) and 32 (the
+    /// AVX-512 path where the CPU has it), three query heads per key/value head.
+    #[test]
+    fn matches_a_direct_evaluation() {
+        for head_dim in [3, 32] {
+            let h = Heads {
+                heads: 6,
+                kv_heads: 2,
+                head_dim,
+            };
+            let (pos, t) = (5, 3);
+            let kv_len = (pos + t) * 2 * head_dim;
+            let keys: Vec<f16> = (0..kv_len)
+                .map(|i| f16::from_f32(((i * 5 % 7) as f32) / 7.0 - 0.4))
+                .collect();
+            let values: Vec<f16> = (0..kv_len)
+                .map(|i| f16::from_f32((i % 11) as f32 - 5.0))
+                .collect();
+            let queries: Vec<f32> = (0..t * 6 * head_dim)
+                .map(|i| (i as f32 * 0.3).cos())
+                .collect();
+            let expected = direct(h, &queries, &keys, &values, pos);
+
+            let mut out = vec![0.0; queries.len()];
+            attend(h, &queries, &keys, &values, pos, &mut out);
+            let mut portable = vec![0.0; queries.len()];
+            let mut scratch = Scratch::default();
+            let row = 6 * head_dim;
+            for i in 0..t {
+                for kv_head in 0..2 {
+                    let item = Item {
+                        h,
+                        kv_head,
+                        len: pos + i + 1,
+                        scale: 1.0 / (head_dim as f32).sqrt(),
+                    };
+                    let heads =
+                        i * row + kv_head * 3 * head_dim..i * row + (kv_head + 1) * 3 * head_dim;
+                    attend_item(
+                        &item,
+                        &queries[heads.clone()],
+                        &keys,
+                        &values,
+                        &mut scratch,
+                        &mut portable[heads],
+                    );
+                }
+            }
+            for (got, want) in [(&out, &expected), (&portable, &expected)] {
+                for (a, b) in got.iter().zip(want.iter()) {
+                    assert!((a - b).abs() < 1e-3, "head_dim {head_dim}: {a} vs {b}");
                 }
             }
         }

@@ -78,9 +78,9 @@ impl ModelShape {
         })
     }
 
-    /// Bytes of key/value cache one token occupies across all layers (f32 keys and values).
+    /// Bytes of key/value cache one token occupies across all layers (f16 keys and values).
     pub fn kv_bytes_per_token(&self) -> usize {
-        self.layers * self.kv_heads * self.head_dim * 2 * DType::F32.size_in_bytes()
+        self.layers * self.kv_heads * self.head_dim * 2 * DType::F16.size_in_bytes()
     }
 }
 

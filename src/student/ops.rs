@@ -108,7 +108,7 @@ impl Rope {
 /// Lanes the reductions below keep apart, so that they vectorize in a fixed order.
 const LANES: usize = 16;
 
-/// `sum(a * b)`.
+/// `sum(a * b)`, in `LANES` running sums.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -164,6 +164,7 @@ mod tests {
     #[test]
     fn dot_handles_tails() {
         let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
-        assert_eq!(dot(&a, &a), (0..19).map(|i| (i * i) as f32).sum::<f32>());
+        let expected = (0..19).map(|i| (i * i) as f32).sum::<f32>();
+        assert_eq!(dot(&a, &a), expected);
     }
 }
