@@ -188,12 +188,15 @@ impl Engine {
                 }
             }
         }
+        // Counted first: a client that got its last event may read /health right away.
+        for (_, outcome) in &ended {
+            count(&self.status, *outcome);
+        }
         for (sequence, outcome) in ended {
             if outcome != Outcome::Failed {
                 let (tokens, cache) = sequence.into_cache();
                 prompt_cache.store(tokens, cache);
             }
-            count(&self.status, outcome);
         }
     }
 
