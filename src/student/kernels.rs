@@ -29,6 +29,12 @@ pub enum Format {
     Q5_0,
     /// 32 signed bytes and one f16 scale: `w = d * q`.
     Q8_0,
+    /// Super-blocks of 256: 4-bit values, and per 32 a 6-bit scale and minimum under f16
+    /// super-scales: `w = d * sc * q - dmin * m`.
+    Q4K,
+    /// Super-blocks of 256: 6-bit values split in 4 + 2 bits, a signed 8-bit scale per 16
+    /// under an f16 super-scale: `w = d * sc * (q - 32)`.
+    Q6K,
 }
 
 impl Format {
@@ -38,25 +44,32 @@ impl Format {
             GgmlDType::Q4_1 => Self::Q4_1,
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q6K => Self::Q6K,
             _ => return None,
         };
         cpu_supported().then_some(format)
     }
 
-    /// What is subtracted from each stored unsigned value (Q4_1's minimum is a float, apart).
+    /// What is subtracted from each stored unsigned value (the minimums of Q4_1 and Q4_K
+    /// are floats, applied apart).
     fn offset(self) -> i32 {
         match self {
-            Self::Q4_1 => 0,
+            Self::Q4_1 | Self::Q4K => 0,
             Self::Q5_0 => 16,
             Self::Q8_0 => 128,
+            Self::Q6K => 32,
         }
     }
 
-    fn block_bytes(self) -> usize {
+    /// Values per stored block, and the block's bytes.
+    fn block(self) -> (usize, usize) {
         match self {
-            Self::Q4_1 => 20,
-            Self::Q5_0 => 22,
-            Self::Q8_0 => 34,
+            Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q8_0 => (32, 34),
+            Self::Q4K => (256, 144),
+            Self::Q6K => (256, 210),
         }
     }
 }
@@ -149,8 +162,13 @@ pub fn matmul(
         k.is_multiple_of(BLOCK),
         "rows of {k} values are not whole blocks"
     );
+    let (block_values, block_bytes) = format.block();
+    assert!(
+        k.is_multiple_of(block_values),
+        "rows of {k} values are not whole blocks"
+    );
     let blocks_per_row = k / BLOCK;
-    let row_bytes = blocks_per_row * format.block_bytes();
+    let row_bytes = k / block_values * block_bytes;
     assert_eq!(
         weights.len(),
         n * row_bytes,
@@ -170,11 +188,30 @@ pub fn matmul(
         let mut scratch = cell.borrow_mut();
         scratch.clear();
         scratch.resize(m * pairs_per_row, ActPair::default());
-        for (row, out) in lhs
-            .chunks_exact(k)
-            .zip(scratch.chunks_exact_mut(pairs_per_row))
-        {
-            quantize_row(row, format.offset(), out);
+        let quantize = |rows: std::ops::Range<usize>, out: &mut [ActPair]| {
+            for (row, out) in lhs[rows.start * k..rows.end * k]
+                .chunks_exact(k)
+                .zip(out.chunks_exact_mut(pairs_per_row))
+            {
+                quantize_row(row, format.offset(), out);
+            }
+        };
+        if m == 1 {
+            quantize(0..1, &mut scratch);
+        } else {
+            // A prompt's rows are quantized on all threads.
+            let scratch_addr = scratch.as_mut_ptr() as usize;
+            candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+                // SAFETY: each range of rows owns its own part of the scratch buffer, which
+                // outlives `execute_chunked`.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (scratch_addr as *mut ActPair).add(rows.start * pairs_per_row),
+                        rows.len() * pairs_per_row,
+                    )
+                };
+                quantize(rows, out);
+            });
         }
         let acts: &[ActPair] = &scratch;
         let dst_addr = dst.as_mut_ptr() as usize;
@@ -239,6 +276,8 @@ fn dot_tile(
                 Format::Q4_1 => by_tile!(0),
                 Format::Q5_0 => by_tile!(1),
                 Format::Q8_0 => by_tile!(2),
+                Format::Q4K => by_tile!(3),
+                Format::Q6K => by_tile!(4),
             }
         }
     }
@@ -277,49 +316,150 @@ mod x86 {
         }
     }
 
-    /// Weight blocks `p` and `p + block_bytes` (just `p` when `pair` is false) of format `F` as
-    /// 64 unsigned bytes, their scales per lane, and (Q4_1) their minimums per lane.
+    /// Lanes 0-7 hold `a`, lanes 8-15 `b`.
+    #[inline(always)]
+    unsafe fn halves(a: f32, b: f32) -> __m512 {
+        unsafe { _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b)) }
+    }
+
+    /// Two 32-byte halves as one register.
+    #[inline(always)]
+    unsafe fn join(a: __m256i, b: __m256i) -> __m512i {
+        unsafe { _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1) }
+    }
+
+    /// Pair `pair` (values `64 * pair..`, the second half absent past `blocks` 32-value
+    /// blocks) of weight row `w` in format `F`, as 64 unsigned bytes, the scale of each lane,
+    /// and (Q4_1, Q4_K) the minimum of each lane.
     #[inline(always)]
     unsafe fn unpack<const F: u8>(
-        p: *const u8,
-        block_bytes: usize,
-        pair: bool,
+        w: *const u8,
+        pair: usize,
+        blocks: usize,
     ) -> (__m512i, __m512, __m512) {
         unsafe {
-            let second = pair.then(|| p.add(block_bytes));
-            let per_lane =
-                |a: f32, b: f32| _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
-            let d = per_lane(f16_at(p), second.map_or(0.0, |q| f16_at(q)));
+            let zero = _mm512_setzero_ps();
             match F {
-                0 => {
-                    let minimum =
-                        per_lane(f16_at(p.add(2)), second.map_or(0.0, |q| f16_at(q.add(2))));
-                    (nibbles(p.add(4), second.map(|q| q.add(4))), d, minimum)
+                // Q4_1, Q5_0, Q8_0: two consecutive blocks of 32.
+                0..=2 => {
+                    let block_bytes = [20, 22, 34][F as usize];
+                    let p = w.add(2 * pair * block_bytes);
+                    let second = (2 * pair + 1 < blocks).then(|| p.add(block_bytes));
+                    let d = halves(f16_at(p), second.map_or(0.0, |q| f16_at(q)));
+                    match F {
+                        0 => {
+                            let minimum =
+                                halves(f16_at(p.add(2)), second.map_or(0.0, |q| f16_at(q.add(2))));
+                            (nibbles(p.add(4), second.map(|q| q.add(4))), d, minimum)
+                        }
+                        1 => {
+                            let bits = |q: *const u8| {
+                                u32::from_le_bytes([*q.add(2), *q.add(3), *q.add(4), *q.add(5)])
+                                    as u64
+                            };
+                            let high_bits = bits(p) | second.map_or(0, |q| bits(q) << 32);
+                            let fifth = _mm512_maskz_mov_epi8(high_bits, _mm512_set1_epi8(0x10));
+                            let u =
+                                _mm512_or_si512(nibbles(p.add(6), second.map(|q| q.add(6))), fifth);
+                            (u, d, zero)
+                        }
+                        _ => {
+                            // Signed bytes moved to 0..=255 by flipping the sign bit (q + 128).
+                            let a = _mm256_loadu_si256(p.add(2).cast());
+                            let b = second.map_or(_mm256_setzero_si256(), |q| {
+                                _mm256_loadu_si256(q.add(2).cast())
+                            });
+                            (
+                                _mm512_xor_si512(join(a, b), _mm512_set1_epi8(-128)),
+                                d,
+                                zero,
+                            )
+                        }
+                    }
                 }
-                1 => {
-                    let bits = |q: *const u8| {
-                        u32::from_le_bytes([*q.add(2), *q.add(3), *q.add(4), *q.add(5)]) as u64
-                    };
-                    let high_bits = bits(p) | second.map_or(0, |q| bits(q) << 32);
-                    let fifth = _mm512_maskz_mov_epi8(high_bits, _mm512_set1_epi8(0x10));
-                    let u = _mm512_or_si512(nibbles(p.add(6), second.map(|q| q.add(6))), fifth);
-                    (u, d, _mm512_setzero_ps())
+                // Q4_K: 32 bytes of nibbles per pair, low nibbles first.
+                3 => {
+                    let sb = w.add(pair / 4 * 144);
+                    let j = 2 * (pair % 4);
+                    let scales = std::slice::from_raw_parts(sb.add(4), 12);
+                    let (d, dmin) = (f16_at(sb), f16_at(sb.add(2)));
+                    let (s0, m0) = scale_min_k4(j, scales);
+                    let (s1, m1) = scale_min_k4(j + 1, scales);
+                    let q = _mm256_loadu_si256(sb.add(16 + 32 * (pair % 4)).cast());
+                    let mask = _mm256_set1_epi8(0x0f);
+                    let u = join(
+                        _mm256_and_si256(q, mask),
+                        _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
+                    );
+                    (u, halves(d * s0, d * s1), halves(-dmin * m0, -dmin * m1))
                 }
+                // Q6_K: in each half of 128, blocks (A, B) use the low nibbles of ql[0..32] and
+                // ql[32..64] with qh bits 0-1 and 2-3; (C, D) the high nibbles with bits 4-7.
                 _ => {
-                    // Signed bytes moved to 0..=255 by flipping the sign bit (q + 128).
-                    let a = _mm256_loadu_si256(p.add(2).cast());
-                    let b = second.map_or(_mm256_setzero_si256(), |q| {
-                        _mm256_loadu_si256(q.add(2).cast())
-                    });
-                    let q = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-                    (
-                        _mm512_xor_si512(q, _mm512_set1_epi8(-128)),
-                        d,
-                        _mm512_setzero_ps(),
-                    )
+                    let sb = w.add(pair / 4 * 210);
+                    let (half, upper) = ((pair % 4) / 2, pair % 2 == 1);
+                    let ql = sb.add(64 * half);
+                    let qh = _mm256_loadu_si256(sb.add(128 + 32 * half).cast());
+                    let (lo, hi) = (
+                        _mm256_loadu_si256(ql.cast()),
+                        _mm256_loadu_si256(ql.add(32).cast()),
+                    );
+                    let (nibble_shift, bit_shift) = if upper { (4, 4) } else { (0, 0) };
+                    let mask = _mm256_set1_epi8(0x0f);
+                    let two = _mm256_set1_epi8(3);
+                    let shift = |v: __m256i, n: i32| match n {
+                        0 => v,
+                        2 => _mm256_srli_epi16(v, 2),
+                        4 => _mm256_srli_epi16(v, 4),
+                        _ => _mm256_srli_epi16(v, 6),
+                    };
+                    let value = |ql: __m256i, qh_shift: i32| {
+                        let low = _mm256_and_si256(shift(ql, nibble_shift), mask);
+                        let high = _mm256_slli_epi16(_mm256_and_si256(shift(qh, qh_shift), two), 4);
+                        _mm256_or_si256(low, high)
+                    };
+                    let u = join(value(lo, bit_shift), value(hi, bit_shift + 2));
+                    let scales = sb
+                        .add(192 + 8 * half + if upper { 4 } else { 0 })
+                        .cast::<i8>();
+                    let d = f16_at(sb.add(208));
+                    let s = |i: usize| d * *scales.add(i) as f32;
+                    let per_lane = _mm512_setr_ps(
+                        s(0),
+                        s(0),
+                        s(0),
+                        s(0),
+                        s(1),
+                        s(1),
+                        s(1),
+                        s(1),
+                        s(2),
+                        s(2),
+                        s(2),
+                        s(2),
+                        s(3),
+                        s(3),
+                        s(3),
+                        s(3),
+                    );
+                    (u, per_lane, zero)
                 }
             }
         }
+    }
+
+    /// Sub-block `j`'s 6-bit scale and minimum from a Q4_K super-block's 12 packed bytes.
+    #[inline(always)]
+    fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+        let (s, m) = if j < 4 {
+            (q[j] & 63, q[j + 4] & 63)
+        } else {
+            (
+                (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+                (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+            )
+        };
+        (s as f32, m as f32)
     }
 
     /// One weight row (format `F`, `blocks` blocks at `w`) against the first `R` rows.
@@ -329,28 +469,29 @@ mod x86 {
         blocks: usize,
         rows: [&[ActPair]; ROW_TILE],
     ) -> [f32; ROW_TILE] {
-        let block_bytes = w.len() / blocks;
         let mut acc = [_mm512_setzero_ps(); R];
+        // Formats whose minimum is a float (Q4_1, Q4_K), and those with an integer offset.
+        let has_minimum = F == 0 || F == 3;
+        let has_offset = !has_minimum;
         let w = w.as_ptr();
         for pair in 0..blocks.div_ceil(2) {
-            // SAFETY: the second block is read only when it exists; rows hold
-            // `blocks.div_ceil(2)` pairs each (checked by `matmul`).
+            // SAFETY: `unpack` reads only blocks of this row (the second half of the last
+            // pair only when it exists); rows hold `blocks.div_ceil(2)` pairs each (checked
+            // by `matmul`).
             unsafe {
-                let whole = 2 * pair + 1 < blocks;
-                let (u, d, minimum) =
-                    unpack::<F>(w.add(2 * pair * block_bytes), block_bytes, whole);
+                let (u, d, minimum) = unpack::<F>(w, pair, blocks);
                 for r in 0..R {
                     let a = rows[r].get_unchecked(pair);
-                    let start = if F == 0 {
-                        _mm512_setzero_si512()
-                    } else {
+                    let start = if has_offset {
                         _mm512_load_si512(a.offset_start.as_ptr().cast())
+                    } else {
+                        _mm512_setzero_si512()
                     };
                     let dot =
                         _mm512_dpbusd_epi32(start, u, _mm512_load_si512(a.qs.as_ptr().cast()));
                     let scale = _mm512_mul_ps(d, _mm512_load_ps(a.scale.as_ptr()));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
-                    if F == 0 {
+                    if has_minimum {
                         acc[r] =
                             _mm512_fmadd_ps(minimum, _mm512_load_ps(a.mean_term.as_ptr()), acc[r]);
                     }
@@ -369,7 +510,9 @@ mod x86 {
 mod tests {
     use super::*;
     use candle_core::quantized::QTensor;
-    use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, GgmlType};
+    use candle_core::quantized::k_quants::{
+        BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
+    };
     use candle_core::{Device, Tensor};
 
     /// Every kernel, against candle's dequantized weights times the unquantized activations
@@ -385,14 +528,23 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 VNNI");
             return;
         }
-        // 96 values = 3 blocks: a whole pair and a lone last block.
-        let (n, k) = (37, 96);
-        let values: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * 0.8)
-            .collect();
-        let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        let n = 37;
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
             let format = Format::for_dtype(dtype).unwrap();
+            // 96 values = 3 blocks: a whole pair and a lone last block; K-quants come in
+            // super-blocks of 256: two of them.
+            let k = if format.block().0 == 256 { 512 } else { 96 };
+            // Magnitudes change every 16 values, so that every scale matters.
+            let values: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * (1 + i / 16 % 5) as f32)
+                .collect();
+            let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&dense, dtype).unwrap();
             let bytes = q.data().unwrap().to_vec();
             let reference = q.dequantize(&Device::Cpu).unwrap();
@@ -410,7 +562,13 @@ mod tests {
                     GgmlDType::Q5_0 => {
                         candle_product::<BlockQ5_0>(&bytes, (m, k, n), &x, &mut candles)
                     }
-                    _ => candle_product::<BlockQ8_0>(&bytes, (m, k, n), &x, &mut candles),
+                    GgmlDType::Q8_0 => {
+                        candle_product::<BlockQ8_0>(&bytes, (m, k, n), &x, &mut candles)
+                    }
+                    GgmlDType::Q4K => {
+                        candle_product::<BlockQ4K>(&bytes, (m, k, n), &x, &mut candles)
+                    }
+                    _ => candle_product::<BlockQ6K>(&bytes, (m, k, n), &x, &mut candles),
                 }
                 let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
                 let expected = xt.matmul(&reference.t().unwrap()).unwrap();
@@ -427,9 +585,11 @@ mod tests {
                         (a - b).abs() <= 0.01 * s,
                         "{dtype:?} m={m} element {i}: {a} vs {b} (mass {s})"
                     );
+                    // candle quantizes K-quant activations per 256 values, duet per 32.
+                    let close = if format.block().0 == 256 { 1e-2 } else { 1e-3 };
                     let c = candles[i];
                     assert!(
-                        (a - c).abs() <= 1e-3 * s,
+                        (a - c).abs() <= close * s,
                         "{dtype:?} m={m} element {i}: {a} vs candle's {c} (mass {s})"
                     );
                 }
