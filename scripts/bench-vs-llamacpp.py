@@ -98,8 +98,8 @@ def aggregate_rate(port, model, tag, streams):
     results = [None] * streams
 
     def one(i):
-        # A prompt both models answer at length, so that decoding dominates.
-        messages = [{"role": "user", "content": f"({tag}) Count from {i + 1} to 300, one number per line."}]
+        # A prompt both models answer at length (all 128 tokens), so that decoding dominates.
+        messages = [{"role": "user", "content": f"({tag}) Stream {i + 1}: count from 1 to 300, one number per line."}]
         results[i] = stream(port, model, messages, 128)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]

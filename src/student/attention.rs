@@ -1,6 +1,6 @@
 //! Causal grouped-query attention of a sequence's new rows against its key/value cache,
 //! straight over the cache's buffers: no copies of keys, no mask tensor, one work item per
-//! (row, head) on candle's CPU thread pool. Each row is computed alone, in a fixed order
+//! (row, key/value head) on candle's CPU thread pool. Each row is computed alone, in a fixed order
 //! (see `ops.rs` on why that matters).
 
 use half::f16;

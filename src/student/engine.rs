@@ -276,6 +276,10 @@ impl Engine {
     /// Drops the model and hands its memory back to the operating system.
     fn unload(&mut self) {
         self.loaded = None;
+        // Buffers sized by the model (a vocabulary of logits per sequence, a prompt chunk's
+        // quantized activations) go with it.
+        self.logits = Vec::new();
+        super::kernels::release_scratch();
         crate::memory::release_free_memory();
         crate::memory::release_code_pages();
         tracing::info!(rss = %crate::memory::human(crate::memory::rss_bytes()), "student unloaded after keep_alive");

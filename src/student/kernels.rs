@@ -1,15 +1,15 @@
-//! duet's own quantized matrix products for the GGUF block formats its default models are
-//! mostly made of (Q4_1, Q5_0, Q8_0), with AVX-512 VNNI integer dot products.
+//! duet's own quantized matrix products for the GGUF block formats most files are made of
+//! (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), with AVX-512 VNNI integer dot products.
 //!
-//! candle runs these three formats through scalar Rust loops; profiling SmolLM2 and Qwen2.5
-//! showed 60-70% of generation time inside them. Here the activations are quantized to 8 bits
-//! once per call, two weight blocks at a time are unpacked to 64 unsigned bytes (one 512-bit
-//! register), and one `vpdpbusd` per activation row multiplies them with up to eight rows.
-//! Each format's constant offset (Q5_0's 16, Q8_0's 128 after moving signed bytes to unsigned)
-//! is folded into the integer accumulator from sums computed once per activation block, and
-//! Q4_1's minimum into the float one, so the inner loop is five instructions per row and pair.
-//! Other formats, and CPUs without AVX-512 VNNI, go through candle's kernels (`weights.rs`
-//! decides).
+//! candle runs Q4_1 and Q5_0 through scalar Rust loops; profiling SmolLM2 and Qwen2.5 showed
+//! 60-70% of generation time inside them. Here the activations are quantized to 8 bits once
+//! per call (per 32 values, scales rounded to f16 as llama.cpp does), 64 weights at a time are
+//! unpacked to unsigned bytes (one 512-bit register), and one `vpdpbusd` per activation row
+//! multiplies them with up to eight rows. Each format's constant offset (Q5_0's 16, Q6_K's 32,
+//! Q8_0's 128 after moving signed bytes to unsigned) is folded into the integer accumulator
+//! from sums computed once per activation block, and the float minimums of Q4_1 and Q4_K into
+//! the float one, so the inner loop is five instructions per row and 64 weights. Other
+//! formats, and CPUs without AVX-512 VNNI, go through candle's kernels (`weights.rs` decides).
 
 use candle_core::quantized::GgmlDType;
 
@@ -149,6 +149,17 @@ fn quantize_row(x: &[f32], offset: i32, out: &mut [ActPair]) {
     }
 }
 
+thread_local! {
+    // Reused across calls: quantized activations are rebuilt for every product, and a fresh
+    // allocation per matrix would be one per layer per token.
+    static SCRATCH: std::cell::RefCell<Vec<ActPair>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Frees this thread's quantized-activation buffer (the model is being unloaded).
+pub fn release_scratch() {
+    SCRATCH.with(|cell| *cell.borrow_mut() = Vec::new());
+}
+
 /// `dst (m x n) = lhs (m x k) @ weights^T`, where `weights` holds `n` rows of `k` values in
 /// `format`'s GGUF blocks. Work is spread over candle's CPU thread pool.
 pub fn matmul(
@@ -179,11 +190,6 @@ pub fn matmul(
 
     let pairs_per_row = blocks_per_row.div_ceil(2);
 
-    thread_local! {
-        // Reused across calls: quantized activations are rebuilt for every product, and a
-        // fresh allocation per matrix would be one per layer per token.
-        static SCRATCH: std::cell::RefCell<Vec<ActPair>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
         scratch.clear();

@@ -80,9 +80,8 @@ pub struct Student {
     max_new_tokens: u64,
 }
 
-/// Bounded so that a burst can only queue `queue_size` requests; each streamed event is
-/// tiny, and a full buffer just makes the engine wait for a slow reader.
-const EVENT_BUFFER: usize = 64;
+/// Events a generation may send beyond one per token: held-back stop-sequence text, the end.
+const EXTRA_EVENTS: usize = 4;
 
 /// Tokens a chat template may add around the messages (roles, markers, default system prompt).
 const TEMPLATE_TOKENS: u64 = 64;
@@ -143,7 +142,10 @@ impl ChatBackend for Student {
                 Err(e) => return Box::pin(async move { Err(e) }),
             };
         let (started_tx, started_rx) = oneshot::channel();
-        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        // Room for every event the request can produce: a client that reads slowly must never
+        // make the engine wait, since every stream of the batch would wait with it. The
+        // buffer grows only as events queue up, a few bytes each, at most max_tokens of them.
+        let (events_tx, events_rx) = mpsc::channel(max_tokens as usize + EXTRA_EVENTS);
         let job = Job {
             request,
             reservation,

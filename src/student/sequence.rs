@@ -169,7 +169,7 @@ impl Sequence {
                 let _ = started.send(Err(error));
             }
             None => {
-                let _ = self.events.blocking_send(GenEvent::Error(error));
+                let _ = self.events.try_send(GenEvent::Error(error));
             }
         }
         Outcome::Failed
@@ -208,15 +208,16 @@ impl Sequence {
                 self.reused as u32,
             ),
         };
-        if self.events.blocking_send(done).is_err() {
+        if self.events.try_send(done).is_err() {
             return Outcome::Cancelled;
         }
         Outcome::Completed
     }
 
-    /// A failed send means the receiver is gone: the client disconnected.
+    /// A failed send means the receiver is gone: the client disconnected. Sends never wait:
+    /// the channel has room for every event of the request (see `Student::generate`).
     fn send(&self, text: String) -> bool {
-        text.is_empty() || self.events.blocking_send(GenEvent::Text(text)).is_ok()
+        text.is_empty() || self.events.try_send(GenEvent::Text(text)).is_ok()
     }
 }
 

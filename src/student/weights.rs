@@ -2,10 +2,10 @@
 //! kept (candle's reader copies each tensor once more, which for a large embedding table
 //! adds its whole size to the peak), and multiplied in their quantized form.
 //!
-//! duet multiplies through candle's quantized dot products (`QuantizedType::matmul_t`)
-//! rather than `QMatMul`: on AVX-512 machines `QMatMul` also keeps a re-tiled copy of
-//! Q4_K/Q6_K/Q8_0 matrices beside the original, up to twice the weights' memory. Formats
-//! with a kernel of duet's own (`kernels.rs`) are multiplied there instead.
+//! Formats with a kernel of duet's own (`kernels.rs`) are multiplied there, straight from the
+//! GGUF's blocks; the rest through candle's quantized dot products
+//! (`QuantizedType::matmul_t`), never `QMatMul`, which on AVX-512 machines keeps a re-tiled
+//! copy of Q4_K/Q6_K/Q8_0 matrices beside the original, up to twice the weights' memory.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
