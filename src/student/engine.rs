@@ -106,6 +106,10 @@ impl Engine {
     /// Turns a job into an active sequence (loading the model first if needed), or answers
     /// it at once when it cannot run.
     fn begin(&mut self, job: Job) {
+        // The request that evicted cached prefixes may be this one: free them before it runs.
+        if let Some((_, prompt_cache)) = &mut self.loaded {
+            prompt_cache.drop_evicted();
+        }
         if job.started.is_closed() {
             return; // the client left while queued
         }

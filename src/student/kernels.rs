@@ -122,9 +122,17 @@ impl Default for ActPair {
 }
 
 /// Quantizes one row of activations the way llama.cpp's Q8_0/Q8_1 do (scale = max |x| / 127),
-/// with `offset` the weights' constant offset. A missing second block of the last pair stays
-/// zero, so it adds nothing whatever the weights hold.
+/// with `offset` the weights' constant offset. A missing second block of the last pair is
+/// zeroed, so it adds nothing whatever the weights hold.
 fn quantize_row(x: &[f32], offset: i32, out: &mut [ActPair]) {
+    let blocks = x.len() / BLOCK;
+    if blocks % 2 == 1 {
+        let last = &mut out[blocks / 2];
+        last.qs[BLOCK..].fill(0);
+        last.scale[8..].fill(0.0);
+        last.offset_start[8..].fill(0);
+        last.mean_term[8..].fill(0.0);
+    }
     for (i, chunk) in x.chunks_exact(BLOCK).enumerate() {
         let pair = &mut out[i / 2];
         let half = i % 2;
@@ -192,7 +200,7 @@ pub fn matmul(
 
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
-        scratch.clear();
+        // Every element is overwritten by `quantize_row`: only growth needs initialising.
         scratch.resize(m * pairs_per_row, ActPair::default());
         let quantize = |rows: std::ops::Range<usize>, out: &mut [ActPair]| {
             for (row, out) in lhs[rows.start * k..rows.end * k]
@@ -634,6 +642,8 @@ mod tests {
     fn quantized_rows_carry_scales_and_offset_sums_per_lane() {
         let x: Vec<f32> = (0..96).map(|i| i as f32 - 20.0).collect();
         let mut out = [ActPair::default(); 2];
+        out[1].qs = [5; 64]; // stale values from an earlier product
+        out[1].scale = [1.0; 16];
         quantize_row(&x, 16, &mut out);
         assert_eq!(out[0].qs[0], -127); // -20 is the largest magnitude of the first block
         assert!((out[0].scale[7] - 20.0 / 127.0).abs() < 1e-4);

@@ -113,7 +113,7 @@ impl PromptCache {
     }
 
     /// Drops entries a request evicted (their bytes are already back in the budget).
-    fn drop_evicted(&mut self) {
+    pub fn drop_evicted(&mut self) {
         let current = self.admission.prompt_cache_generation();
         self.entries.retain(|e| e.generation == current);
     }
