@@ -25,10 +25,16 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Starts the real binary with `args` on a free port; returns its guard, pid and base URL.
 fn start(args: &[&str]) -> (Server, u32, String) {
+    start_with(args, &[])
+}
+
+/// `start`, with extra environment variables.
+fn start_with(args: &[&str], env: &[(&str, &str)]) -> (Server, u32, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
         .args(["serve", "--port", "0", "--model"])
         .arg(model_path(SMOLLM2))
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -69,6 +75,37 @@ fn starts_lazily_and_small() {
         rss < 30 * 1024,
         "RSS before the first request is {rss} KiB, over 30 MiB"
     );
+}
+
+/// `student.threads` sizes the pool the model's arithmetic runs on: the calling thread plus
+/// `threads - 1` workers, whatever the machine has.
+#[test]
+fn the_thread_setting_sizes_the_models_pool() {
+    for threads in [1, 3] {
+        let value = threads.to_string();
+        let (_guard, pid, base) = start_with(&[], &[("DUET_STUDENT_THREADS", &value)]);
+        let answer = post_json(
+            &format!("{base}/v1/chat/completions"),
+            &serde_json::json!({
+                "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 2,
+                "messages": [{"role": "user", "content": "Hi"}]
+            }),
+        );
+        assert!(
+            answer["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+            "{answer}"
+        );
+        let workers = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+            .filter(|name| name.starts_with("candle-bp"))
+            .count();
+        assert_eq!(
+            workers,
+            threads - 1,
+            "pool workers with student.threads = {threads}"
+        );
+    }
 }
 
 /// The footprint estimated before loading is within 15% of the RSS measured after it, and

@@ -201,14 +201,6 @@ impl Transformer {
         })
     }
 
-    /// Runs `tokens` (the next positions of the sequence held in `cache`) through the
-    /// model and returns the logits of the last one, as a `vocab`-long vector.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Vec<f32>> {
-        let mut logits = Vec::new();
-        self.forward_batch(&mut [Step { tokens, cache }], &mut logits)?;
-        Ok(logits)
-    }
-
     /// Runs several sequences' next tokens in one pass: every matrix product sees all their
     /// rows at once, so each weight is read once per pass, not once per sequence; only
     /// attention runs per sequence, against its own cache. Leaves in `logits` each
