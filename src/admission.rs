@@ -158,10 +158,37 @@ impl Reservation {
         let bytes = self.body_bytes + REQUEST_OVERHEAD + tokens * s.kv_bytes_per_token;
         s.reserved_bytes = s.reserved_bytes - self.bytes + bytes;
         self.bytes = bytes;
+        if s.fixed_bytes + s.reserved_bytes + s.prompt_cache_bytes > self.admission.budget {
+            // The prompt came out longer than admission's bound: cached prefixes make room.
+            s.prompt_cache_bytes = 0;
+            s.prompt_cache_generation += 1;
+        }
     }
 
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+/// A reservation whose request waits in a queue. Whoever comes first settles it: the engine
+/// starting the request takes it over, or the client leaving gives the memory back at once
+/// (instead of when the engine reaches the request and finds nobody waiting).
+#[derive(Clone)]
+pub struct QueuedReservation(Arc<Mutex<Option<Reservation>>>);
+
+impl QueuedReservation {
+    pub fn new(reservation: Reservation) -> Self {
+        Self(Arc::new(Mutex::new(Some(reservation))))
+    }
+
+    /// The engine starts the request: the reservation is its own, unless the client left.
+    pub fn claim(&self) -> Option<Reservation> {
+        self.0.lock().expect("queued reservation lock").take()
+    }
+
+    /// The client left: returns the memory if the request has not started.
+    pub fn abandon(&self) {
+        drop(self.claim());
     }
 }
 
@@ -232,6 +259,24 @@ mod tests {
         a.release_prompt_cache(500_000, g);
         assert_eq!(a.ledger().prompt_cache_bytes, 0);
         drop((r, r2));
+    }
+
+    #[test]
+    fn a_prompt_longer_than_admitted_evicts_the_prompt_cache() {
+        let a = Admission::new(10_000_000);
+        a.learn(ModelFacts {
+            fixed_bytes: 6_000_000,
+            kv_bytes_per_token: 1_000,
+            context_length: 4_000,
+        });
+        let mut r = a.admit(0, 100, 100).unwrap();
+        let generation = a.hold_prompt_cache(3_000_000).unwrap();
+        r.set_tokens(1_500); // tokenized longer than bounded: 10.57 MB with the cache
+        let l = a.ledger();
+        assert_eq!(
+            (l.prompt_cache_bytes, l.prompt_cache_generation),
+            (0, generation + 1)
+        );
     }
 
     #[test]

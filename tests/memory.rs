@@ -200,3 +200,26 @@ async fn a_request_can_set_its_own_keep_alive() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["param"], "keep_alive");
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_the_queue_gives_its_memory_back_at_once() {
+    let mut config = config_for(SMOLLM2);
+    config.student.parallel = 1;
+    let base = spawn(config);
+    let running = occupy(&base).await;
+    let reserved = |h: &Value| h["memory"]["ledger"]["reserved_bytes"].as_u64().unwrap();
+    let alone = reserved(&health(&base).await);
+    let waiting = tokio::spawn({
+        let base = base.clone();
+        async move { post(&base, &ask(3000)).await.status() }
+    });
+    wait_for(&base, "the second request queued", |h| reserved(h) > alone).await;
+    waiting.abort(); // the client leaves while its request waits behind the running one
+    wait_for(&base, "its reservation returned", |h| reserved(h) == alone).await;
+    let h = health(&base).await;
+    assert_eq!(
+        h["student"]["completed"], 0,
+        "the running stream still runs: {h}"
+    );
+    drop(running);
+}

@@ -32,6 +32,7 @@ pub fn attend(
 ) {
     let row = h.heads * h.head_dim;
     let t = queries.len() / row;
+    assert_eq!(out.len(), queries.len(), "one output per query value");
     let group = h.heads / h.kv_heads;
     let scale = 1.0 / (h.head_dim as f32).sqrt();
     let out_addr = out.as_mut_ptr() as usize;

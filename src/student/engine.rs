@@ -15,7 +15,7 @@ use super::loaded::LoadedModel;
 use super::prompt_cache::PromptCache;
 use super::sequence::{Outcome, Sequence};
 use super::{LoadState, StudentStatus};
-use crate::admission::{Admission, ModelFacts, Reservation};
+use crate::admission::{Admission, ModelFacts, QueuedReservation};
 use crate::backend::{GenEvent, GenerationRequest};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
@@ -24,8 +24,9 @@ use crate::memory::KeepAlive;
 /// A request waiting for the engine, with where its answer goes.
 pub struct Job {
     pub request: GenerationRequest,
-    /// The memory admission granted; returned when the job is dropped.
-    pub reservation: Reservation,
+    /// The memory admission granted: the engine claims it when the job starts; a client that
+    /// leaves before that gives it back at once.
+    pub reservation: QueuedReservation,
     /// Resolved with the prompt's token count once prefill is done (or with the error).
     pub started: oneshot::Sender<Result<u32, DuetError>>,
     pub events: mpsc::Sender<GenEvent>,
@@ -33,7 +34,7 @@ pub struct Job {
 
 /// Prompt tokens run through the model per forward pass; bounds the attention scores'
 /// memory for long prompts and how long one pass delays the decoding sequences.
-const PREFILL_CHUNK: usize = 256;
+pub const PREFILL_CHUNK: usize = 256;
 
 /// What the engine needs besides its jobs.
 pub struct EngineSettings {
@@ -113,6 +114,9 @@ impl Engine {
         if job.started.is_closed() {
             return; // the client left while queued
         }
+        let Some(reservation) = job.reservation.claim() else {
+            return; // the client left (and gave the memory back) while queued
+        };
         self.keep_alive = job.request.keep_alive.unwrap_or(self.settings.keep_alive);
         if self.loaded.is_none() {
             self.load();
@@ -122,7 +126,13 @@ impl Engine {
             let _ = job.started.send(Err(DuetError::ModelLoad(reason)));
             return;
         };
-        match Sequence::start(model, &self.settings.student, job, prompt_cache) {
+        match Sequence::start(
+            model,
+            &self.settings.student,
+            job,
+            reservation,
+            prompt_cache,
+        ) {
             Ok(sequence) => self.active.push(sequence),
             Err(outcome) => count(&self.status, outcome),
         }

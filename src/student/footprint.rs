@@ -1,7 +1,9 @@
 //! What a model will cost in memory, estimated from its GGUF header before any weight is
 //! read: the weights as stored (duet keeps them quantized), the tokenizer built from the
-//! vocabulary, the runtime around them, and key/value cache bytes per token.
+//! vocabulary, the runtime around them, the activation buffers of the largest forward pass,
+//! and key/value cache bytes per token.
 
+use super::engine::PREFILL_CHUNK;
 use super::gguf::{self, GgufHeader};
 use super::model::ModelShape;
 use crate::error::DuetError;
@@ -18,6 +20,8 @@ pub struct Footprint {
     pub weight_bytes: u64,
     pub tokenizer_bytes: u64,
     pub runtime_bytes: u64,
+    /// Buffers of a forward pass with a full prompt chunk beside `parallel` streams.
+    pub activation_bytes: u64,
     pub kv_bytes_per_token: u64,
     /// The longest sequence one request may use.
     pub context_length: u64,
@@ -26,8 +30,13 @@ pub struct Footprint {
 impl Footprint {
     /// Estimates the footprint of the model whose header is `header` and shape `shape`,
     /// serving sequences of up to `context_length` tokens (already capped at what the model
-    /// was trained for).
-    pub fn estimate(header: &GgufHeader, shape: &ModelShape, context_length: usize) -> Self {
+    /// was trained for), `parallel` at a time.
+    pub fn estimate(
+        header: &GgufHeader,
+        shape: &ModelShape,
+        context_length: usize,
+        parallel: usize,
+    ) -> Self {
         let count = |key| {
             gguf::strings(header.metadata(), key)
                 .map(|v| v.len() as u64)
@@ -38,6 +47,7 @@ impl Footprint {
             weight_bytes: header.tensor_bytes(),
             tokenizer_bytes: entries * TOKENIZER_BYTES_PER_ENTRY,
             runtime_bytes: RUNTIME_BYTES,
+            activation_bytes: shape.activation_bytes(PREFILL_CHUNK + parallel, parallel) as u64,
             kv_bytes_per_token: shape.kv_bytes_per_token() as u64,
             context_length: context_length as u64,
         }
@@ -45,7 +55,7 @@ impl Footprint {
 
     /// Memory held while loaded, before any request.
     pub fn fixed_bytes(&self) -> u64 {
-        self.weight_bytes + self.tokenizer_bytes + self.runtime_bytes
+        self.weight_bytes + self.tokenizer_bytes + self.runtime_bytes + self.activation_bytes
     }
 
     /// Fixed memory plus one sequence of the full context.
@@ -60,12 +70,13 @@ impl Footprint {
             return Ok(());
         }
         Err(DuetError::ModelLoad(format!(
-            "the model needs about {} (weights {}, tokenizer {}, runtime {}, key/value cache {} for {} tokens) \
+            "the model needs about {} (weights {}, tokenizer {}, runtime {}, activations {}, key/value cache {} for {} tokens) \
              but the memory budget is {} (memory.max_bytes); raise the budget or lower student.context_length",
             human(need),
             human(self.weight_bytes),
             human(self.tokenizer_bytes),
             human(self.runtime_bytes),
+            human(self.activation_bytes),
             human(self.kv_bytes_per_token * self.context_length),
             self.context_length,
             human(budget),

@@ -181,6 +181,8 @@ pub fn matmul(
         k.is_multiple_of(BLOCK),
         "rows of {k} values are not whole blocks"
     );
+    // A `Format` is public: make sure nobody built one on a CPU the kernels cannot run on.
+    assert!(cpu_supported(), "duet's kernels need AVX-512 VNNI");
     let (block_values, block_bytes) = format.block();
     assert!(
         k.is_multiple_of(block_values),

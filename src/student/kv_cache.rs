@@ -10,6 +10,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 
 use super::model::ModelShape;
 
@@ -61,8 +62,9 @@ impl KvCache {
         }
         let keep = self.len.min(positions) * self.row;
         let fresh = |old: Option<&Vec<f16>>| {
-            // A zeroed allocation: pages never written cost nothing.
-            let mut buffer = vec![f16::ZERO; positions * self.row];
+            // A zeroed allocation (u16 zeros, which the allocator hands out as fresh pages;
+            // f16::ZERO would be written element by element): pages never written cost nothing.
+            let mut buffer: Vec<f16> = vec![0u16; positions * self.row].reinterpret_into();
             if let Some(old) = old {
                 buffer[..keep].copy_from_slice(&old[..keep]);
             }
@@ -122,6 +124,7 @@ mod tests {
             heads: 2,
             kv_heads: 1,
             head_dim: 2,
+            ffn: 16,
             vocab: 16,
             trained_context: 64,
             rms_eps: 1e-5,

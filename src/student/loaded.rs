@@ -35,7 +35,7 @@ impl LoadedModel {
         let mut header = GgufHeader::read(&path)?;
         let shape = ModelShape::from_header(&header)?;
         let context = config.context_length.min(shape.trained_context);
-        let footprint = Footprint::estimate(&header, &shape, context);
+        let footprint = Footprint::estimate(&header, &shape, context, config.parallel);
         footprint.check(budget)?;
         let tokenizer = StudentTokenizer::load(&path, &header)?;
         // The parsed vocabulary and merges are hundreds of thousands of small strings the

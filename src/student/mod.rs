@@ -27,7 +27,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::admission::Admission;
+use crate::admission::{Admission, QueuedReservation};
 use crate::backend::{ChatBackend, Generation, GenerationRequest};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
@@ -78,13 +78,26 @@ pub struct Student {
     status: Arc<Mutex<StudentStatus>>,
     admission: Arc<Admission>,
     max_new_tokens: u64,
+    /// No request generates more tokens than this (`student.context_length`).
+    context_length: u64,
+}
+
+/// Gives a queued request's memory back if the client leaves before the engine starts it.
+struct AbandonOnDrop(QueuedReservation);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
 }
 
 /// Events a generation may send beyond one per token: held-back stop-sequence text, the end.
 const EXTRA_EVENTS: usize = 4;
 
-/// Tokens a chat template may add around the messages (roles, markers, default system prompt).
+/// Tokens a chat template may add around the messages (default system prompt, generation
+/// prompt), and around each message (role, start and end markers).
 const TEMPLATE_TOKENS: u64 = 64;
+const TOKENS_PER_MESSAGE: u64 = 8;
 
 impl Student {
     /// Starts the engine thread; no weights are read until the first request.
@@ -112,6 +125,7 @@ impl Student {
             status,
             admission,
             max_new_tokens: config.max_new_tokens as u64,
+            context_length: config.context_length as u64,
         }
     }
 
@@ -126,17 +140,18 @@ impl ChatBackend for Student {
         request: GenerationRequest,
     ) -> BoxFuture<'static, Result<Generation, DuetError>> {
         // Memory first: the body, and a key/value cache for at most one token per prompt
-        // byte (plus the template) and max_tokens; the engine trims it once tokenized.
+        // byte (plus the template's) and max_tokens; the engine trims it once tokenized.
         let text_bytes: u64 = request
             .messages
             .iter()
             .map(|m| m.content.len() as u64)
             .sum();
         let max_tokens = request.max_tokens.map_or(self.max_new_tokens, |n| n as u64);
+        let template_tokens = TEMPLATE_TOKENS + TOKENS_PER_MESSAGE * request.messages.len() as u64;
         let reservation =
             match self
                 .admission
-                .admit(text_bytes, text_bytes + TEMPLATE_TOKENS, max_tokens)
+                .admit(text_bytes, text_bytes + template_tokens, max_tokens)
             {
                 Ok(r) => r,
                 Err(e) => return Box::pin(async move { Err(e) }),
@@ -145,15 +160,21 @@ impl ChatBackend for Student {
         // Room for every event the request can produce: a client that reads slowly must never
         // make the engine wait, since every stream of the batch would wait with it. The
         // buffer grows only as events queue up, a few bytes each, at most max_tokens of them.
-        let (events_tx, events_rx) = mpsc::channel(max_tokens as usize + EXTRA_EVENTS);
+        let most_tokens = max_tokens.min(self.context_length) as usize;
+        let (events_tx, events_rx) = mpsc::channel(most_tokens + EXTRA_EVENTS);
+        let reservation = QueuedReservation::new(reservation);
         let job = Job {
             request,
-            reservation,
+            reservation: reservation.clone(),
             started: started_tx,
             events: events_tx,
         };
         let queued = self.jobs.try_send(job);
         Box::pin(async move {
+            // Dropped with this future: if the client leaves while the request waits in the
+            // queue, its memory is back at once. Once the engine has started the request the
+            // reservation is the engine's and this does nothing.
+            let _leave = AbandonOnDrop(reservation);
             match queued {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {

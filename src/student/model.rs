@@ -32,6 +32,8 @@ pub struct ModelShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Width of the feed-forward layer.
+    pub ffn: usize,
     pub vocab: usize,
     /// The context the model was trained for.
     pub trained_context: usize,
@@ -57,6 +59,16 @@ impl ModelShape {
             .get("token_embd.weight")
             .map(|t| t.shape.dims()[0])
             .ok_or_else(|| DuetError::ModelLoad("GGUF has no token_embd.weight".into()))?;
+        let ffn = h
+            .arch_u32("feed_forward_length")
+            .map(|n| n as usize)
+            .or_else(|_| {
+                h.content
+                    .tensor_infos
+                    .get("blk.0.ffn_gate.weight")
+                    .map(|t| t.shape.dims()[0])
+                    .ok_or_else(|| DuetError::ModelLoad("GGUF has no feed-forward width".into()))
+            })?;
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(DuetError::ModelLoad(format!(
                 "impossible attention shape: {heads} heads over {kv_heads} key/value heads"
@@ -69,6 +81,7 @@ impl ModelShape {
             heads,
             kv_heads,
             head_dim,
+            ffn,
             vocab,
             trained_context: h.arch_u32("context_length").unwrap_or(2048) as usize,
             rms_eps: h
@@ -76,6 +89,19 @@ impl ModelShape {
                 .unwrap_or(1e-5) as f64,
             rope_theta: h.arch_f32("rope.freq_base").unwrap_or(10_000.0),
         })
+    }
+
+    /// Bytes of the activation buffers a forward pass over `rows` rows keeps (f32 rows of every
+    /// layer output, the feed-forward's two halves, their 8-bit quantized copies for the
+    /// kernels, and one row of logits per sequence for `sequences`).
+    pub fn activation_bytes(&self, rows: usize, sequences: usize) -> usize {
+        let q_row = self.heads * self.head_dim;
+        let kv_row = self.kv_heads * self.head_dim;
+        // Quantized activations take 256 bytes per 64 values of the widest input: as much as
+        // that input in f32.
+        let quantized = self.hidden.max(self.ffn);
+        let per_row = 3 * self.hidden + 2 * q_row + 2 * kv_row + 2 * self.ffn + quantized;
+        (rows * per_row + sequences * self.vocab) * 4
     }
 
     /// Bytes of key/value cache one token occupies across all layers (f16 keys and values).

@@ -144,6 +144,7 @@ mod tests {
             heads: 2,
             kv_heads: 1,
             head_dim: 4,
+            ffn: 16,
             vocab: 16,
             trained_context: 64,
             rms_eps: 1e-5,

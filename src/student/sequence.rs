@@ -54,13 +54,14 @@ impl Sequence {
         m: &LoadedModel,
         config: &StudentConfig,
         job: Job,
+        mut reservation: Reservation,
         prompt_cache: &mut PromptCache,
     ) -> Result<Self, Outcome> {
         let Job {
             request,
-            mut reservation,
             started,
             events,
+            ..
         } = job;
         let (prompt, max_tokens) = match prepare(m, config, &request) {
             Ok(p) => p,
@@ -75,7 +76,9 @@ impl Sequence {
             Some(hit) => (hit.cache, hit.reused),
             None => (KvCache::new(&m.model.shape), 0),
         };
-        cache.resize(total, false);
+        // A cache taken from the prompt cache may be larger than this request was admitted
+        // for: bring it to exactly what the reservation covers.
+        cache.resize(total, reused > 0);
         if reused > 0 {
             tracing::debug!(
                 reused,
@@ -228,6 +231,13 @@ fn prepare(
     request: &crate::backend::GenerationRequest,
 ) -> Result<(Vec<u32>, usize), DuetError> {
     let prompt = m.prompt_tokens(&request.messages)?;
+    if prompt.is_empty() {
+        // Possible with a template that adds nothing around empty messages.
+        return Err(DuetError::InvalidRequest {
+            message: "the conversation renders to an empty prompt; send some text".into(),
+            param: Some("messages".into()),
+        });
+    }
     let context = m.model.context();
     let room = context.saturating_sub(prompt.len());
     let max_tokens = match request.max_tokens {
