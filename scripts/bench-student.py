@@ -20,9 +20,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
-from benchlib import free_port, proc_kib, wait_http
+from benchlib import free_port, proc_kib, stream_chat, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target", "release", "duet")
@@ -37,31 +36,12 @@ PROMPT = (
 
 
 def one_round(port, model, prefix, max_tokens):
-    body = json.dumps({
+    start, stamps, _, usage = stream_chat(port, {
         "model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens,
         "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": f"[{prefix}] {PROMPT}"}],
     })
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    start = time.perf_counter()
-    c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    resp = c.getresponse()
-    if resp.status != 200:
-        sys.exit(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    first = last = None
-    usage = None
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: {"):
-            continue
-        chunk = json.loads(line[6:])
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        for choice in chunk.get("choices", []):
-            if choice["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
+    first, last = stamps[0], stamps[-1]
     ttft = first - start
     decoded = usage["completion_tokens"] - 1
     return {

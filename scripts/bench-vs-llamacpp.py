@@ -23,9 +23,8 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 
-from benchlib import free_port, proc_kib, wait_http
+from benchlib import free_port, proc_kib, stream_chat, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUET = os.path.join(ROOT, "target", "release", "duet")
@@ -56,24 +55,11 @@ def prompt_for(prefix, paragraphs=8):
 def stream(port, model, messages, max_tokens):
     """One streamed greedy request: its start time, the arrival time of every chunk with
     content, and the text."""
-    body = json.dumps({"model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens,
-                       "messages": messages})
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    start = time.perf_counter()
-    c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    r = c.getresponse()
-    if r.status != 200:
-        sys.exit(f"the server on port {port} answered {r.status}: {r.read()[:300]!r}")
-    stamps, text = [], []
-    for raw in r:
-        line = raw.decode(errors="replace").strip()
-        if line.startswith("data: {"):
-            chunk = json.loads(line[6:])
-            for ch in chunk.get("choices", []):
-                if ch.get("delta", {}).get("content"):
-                    stamps.append(time.perf_counter())
-                    text.append(ch["delta"]["content"])
-    return start, stamps, "".join(text)
+    start, stamps, text, _ = stream_chat(port, {
+        "model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens,
+        "messages": messages,
+    })
+    return start, stamps, text
 
 
 def round_trip(port, model, prefix, max_tokens):

@@ -59,6 +59,7 @@ pub fn spawn(
         keep_alive,
         active: Vec::new(),
         logits: Vec::new(),
+        ran: Vec::new(),
     };
     std::thread::Builder::new()
         .name("duet-engine".into())
@@ -77,8 +78,10 @@ struct Engine {
     keep_alive: KeepAlive,
     /// Sequences being generated, in arrival order.
     active: Vec<Sequence>,
-    /// The last pass's logits, one row per sequence that ran (reused from pass to pass).
+    /// The last pass's logits, one row per sequence that ran, and how many tokens each
+    /// active sequence ran (both reused from pass to pass).
     logits: Vec<f32>,
+    ran: Vec<usize>,
 }
 
 impl Engine {
@@ -154,7 +157,8 @@ impl Engine {
             }
         }
         let mut prefill_room = PREFILL_CHUNK;
-        let mut ran = Vec::with_capacity(self.active.len());
+        let ran = &mut self.ran;
+        ran.clear();
         let mut steps = Vec::with_capacity(self.active.len());
         for sequence in &mut self.active {
             let n = match sequence.prefill_left() {
@@ -181,7 +185,7 @@ impl Engine {
             Ok(()) => {
                 let mut rows = logits.chunks_exact_mut(model.model.shape.vocab);
                 let mut index = 0;
-                for n in ran {
+                for &n in ran.iter() {
                     let outcome = if n == 0 {
                         None
                     } else {

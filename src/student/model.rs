@@ -149,6 +149,7 @@ pub struct Step<'a> {
 /// Activation buffers, kept between passes so that decoding allocates nothing per token.
 #[derive(Default)]
 struct Buffers {
+    ids: Vec<u32>,
     x: Vec<f32>,
     normed: Vec<f32>,
     q: Vec<f32>,
@@ -239,16 +240,16 @@ impl Transformer {
         let s = &self.shape;
         let mut guard = self.buffers.lock().expect("buffers lock");
         let b = &mut *guard;
-        let mut ids = Vec::with_capacity(steps.len());
+        b.ids.clear();
         for step in steps.iter_mut() {
             let (pos, t) = (step.cache.len(), step.tokens.len());
             if t == 0 || pos + t > self.context() {
                 candle_core::bail!("{t} tokens after {pos} do not fit the context");
             }
             step.cache.resize(pos + t, false);
-            ids.extend_from_slice(step.tokens);
+            b.ids.extend_from_slice(step.tokens);
         }
-        let rows = ids.len();
+        let rows = b.ids.len();
         let eps = s.rms_eps as f32;
         let heads = Heads {
             heads: s.heads,
@@ -256,7 +257,7 @@ impl Transformer {
             head_dim: s.head_dim,
         };
         let (q_row, kv_row) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-        self.embed.rows(&ids, &mut b.x)?;
+        self.embed.rows(&b.ids, &mut b.x)?;
         b.normed.resize(rows * s.hidden, 0.0);
         b.attended.resize(rows * q_row, 0.0);
         for (i, layer) in self.layers.iter().enumerate() {
