@@ -273,18 +273,17 @@ async fn unknown_model_is_a_404() {
 
 #[tokio::test]
 async fn invalid_fields_name_the_parameter() {
-    let (status, body) = post_raw(&format!(
-        r#"{{"model": "{}", "messages": [{{"role": "user", "content": "hi"}}], "temperature": 7}}"#,
-        model_id(SMOLLM2)
-    ))
-    .await;
+    // A valid request plus one more field, as raw JSON.
+    let with = |field: &str| {
+        format!(
+            r#"{{"model": "{}", "messages": [{{"role": "user", "content": "hi"}}], {field}}}"#,
+            model_id(SMOLLM2)
+        )
+    };
+    let (status, body) = post_raw(&with(r#""temperature": 7"#)).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["param"], "temperature");
-    let (status, body) = post_raw(&format!(
-        r#"{{"model": "{}", "messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 100000}}"#,
-        model_id(SMOLLM2)
-    ))
-    .await;
+    let (status, body) = post_raw(&with(r#""max_tokens": 100000"#)).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "context_length_exceeded");
     assert!(

@@ -114,6 +114,13 @@ fn smollm2_template_renders_chatml_with_its_default_system_prompt() {
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
          <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
+    assert_renders_chatml_turns(&tpl);
+    assert_eq!(tpl.end_of_turn_text().as_deref(), Some("<|im_end|>"));
+}
+
+/// A conversation with its own system prompt renders as plain ChatML turns (both default
+/// models use ChatML).
+fn assert_renders_chatml_turns(tpl: &ChatTemplate) {
     let multi = tpl
         .render(&[
             msg("system", "Be terse."),
@@ -127,7 +134,6 @@ fn smollm2_template_renders_chatml_with_its_default_system_prompt() {
         "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
          <|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
     );
-    assert_eq!(tpl.end_of_turn_text().as_deref(), Some("<|im_end|>"));
 }
 
 #[test]
@@ -140,19 +146,7 @@ fn qwen_template_renders_its_default_system_prompt_and_turns() {
         text.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
         "{text}"
     );
-    let multi = tpl
-        .render(&[
-            msg("system", "Be terse."),
-            msg("user", "Hi"),
-            msg("assistant", "Hello."),
-            msg("user", "Bye"),
-        ])
-        .unwrap();
-    assert_eq!(
-        multi,
-        "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
-         <|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
-    );
+    assert_renders_chatml_turns(&tpl);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::kernels::item_slice;
 use super::ops::dot;
 
 /// The attention geometry of a model.
@@ -52,11 +53,11 @@ pub fn attend(
                     scale,
                 };
                 // SAFETY: the query heads of one (row, key/value head) are a contiguous
-                // slice of `out` that belongs to this item alone, and `out` outlives
-                // `execute_chunked`, which returns when all items are done.
+                // slice of `out` that belongs to this item alone.
                 let o = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (out_addr as *mut f32).add(i * row + first_head * h.head_dim),
+                    item_slice::<f32>(
+                        out_addr,
+                        i * row + first_head * h.head_dim,
                         group * h.head_dim,
                     )
                 };

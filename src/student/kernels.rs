@@ -163,6 +163,17 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<ActPair>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The `len` values at `start` of the `T` buffer at address `base`, for a pool work item
+/// that owns exactly that part of a buffer shared by all items.
+///
+/// # Safety
+/// No other item may touch the range while the returned slice lives, and the buffer (at
+/// least `start + len` values) must outlive it: true inside `execute_chunked`, which returns
+/// when all items are done.
+pub(super) unsafe fn item_slice<'a, T>(base: usize, start: usize, len: usize) -> &'a mut [T] {
+    unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), len) }
+}
+
 /// Frees this thread's quantized-activation buffer (the model is being unloaded).
 pub fn release_scratch() {
     SCRATCH.with(|cell| *cell.borrow_mut() = Vec::new());
@@ -218,11 +229,11 @@ pub fn matmul(
             // A prompt's rows are quantized on all threads.
             let scratch_addr = scratch.as_mut_ptr() as usize;
             candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
-                // SAFETY: each range of rows owns its own part of the scratch buffer, which
-                // outlives `execute_chunked`.
+                // SAFETY: each range of rows owns its own part of the scratch buffer.
                 let out = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (scratch_addr as *mut ActPair).add(rows.start * pairs_per_row),
+                    item_slice::<ActPair>(
+                        scratch_addr,
+                        rows.start * pairs_per_row,
                         rows.len() * pairs_per_row,
                     )
                 };
