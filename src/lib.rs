@@ -38,11 +38,7 @@ pub struct Running {
 /// Binds the listener and builds the app; no model weights are read here.
 pub fn start(config: &Config) -> std::io::Result<Running> {
     memory::configure_allocator();
-    // Validated when the configuration was loaded.
-    let budget = memory::parse_budget(&config.memory.max_bytes, memory::available_bytes())
-        .map_err(std::io::Error::other)?;
-    let keep_alive =
-        memory::KeepAlive::parse(&config.memory.keep_alive).map_err(std::io::Error::other)?;
+    let budget = config.memory.max_bytes.resolve(memory::available_bytes());
     let admission = Admission::new(budget);
     let client_keys =
         Arc::new(http::auth::ClientKeys::load(&config.server).map_err(std::io::Error::other)?);
@@ -52,7 +48,7 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
             &config.student,
             config.student_name(),
             admission.clone(),
-            keep_alive,
+            config.memory.keep_alive,
         ))
     });
     let teacher = match config.mode {

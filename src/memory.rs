@@ -1,6 +1,7 @@
-//! Memory as duet sees it: the budget (parsed from `memory.max_bytes`), what the machine
-//! or its cgroup has available, the process's resident size, and the allocator settings
-//! and trimming that make resident memory equal what duet actually uses.
+//! Memory as duet sees it: what the machine or its cgroup has available (the budget,
+//! `memory.max_bytes`, is a size or a share of it: `config::MemoryBudget`), the process's
+//! resident size, keep_alive, and the allocator settings and trimming that make resident
+//! memory equal what duet actually uses.
 
 /// Reads this process's resident set size (`VmRSS`) in bytes.
 pub fn rss_bytes() -> u64 {
@@ -44,45 +45,8 @@ pub fn available_bytes() -> u64 {
     machine.min(cgroup)
 }
 
-/// Parses `memory.max_bytes`: a share of available memory (`50%`), a size with a unit
-/// (`512MiB`, `2GB`, `1.5G`), or plain bytes.
-pub fn parse_budget(text: &str, available: u64) -> Result<u64, String> {
-    let t = text.trim();
-    if let Some(percent) = t.strip_suffix('%') {
-        let p: f64 = percent
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{text}` is not a percentage"))?;
-        if !(p > 0.0 && p <= 100.0) {
-            return Err(format!("`{text}` must be between 0% and 100%"));
-        }
-        return Ok((available as f64 * p / 100.0) as u64);
-    }
-    let (n, unit) = number_and_unit(t)
-        .ok_or_else(|| format!("`{text}` is not a size such as 2GiB, 512MB or 50%"))?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{text}` (use B, KB, KiB, MB, MiB, GB, GiB or %)"
-            ));
-        }
-    };
-    let bytes = (n * scale as f64) as u64;
-    if bytes == 0 {
-        return Err(format!("`{text}` leaves no memory at all"));
-    }
-    Ok(bytes)
-}
-
 /// `"1.5 GiB"` -> `(1.5, "GiB")`: a leading number and the (trimmed) unit after it.
-fn number_and_unit(text: &str) -> Option<(f64, &str)> {
+pub(crate) fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
@@ -106,8 +70,10 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// How long an idle model stays loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How long an idle model stays loaded. In settings (`memory.keep_alive`) it is the text
+/// [`KeepAlive::parse`] reads and `Display` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum KeepAlive {
     /// Unload this long after the last request (zero: right after it).
     For(std::time::Duration),
@@ -148,6 +114,35 @@ impl KeepAlive {
             serde_json::Value::String(s) => Self::parse(s),
             _ => Err("keep_alive must be seconds or a duration such as \"5m\"".into()),
         }
+    }
+}
+
+impl TryFrom<String> for KeepAlive {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        Self::parse(&text)
+    }
+}
+
+/// Text that [`KeepAlive::parse`] reads back to the same value: `-1`, `5m`, `2.5s`.
+impl std::fmt::Display for KeepAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Never => f.write_str("-1"),
+            Self::For(d) if d.subsec_nanos() == 0 => match d.as_secs() {
+                s if s > 0 && s % 3600 == 0 => write!(f, "{}h", s / 3600),
+                s if s > 0 && s % 60 == 0 => write!(f, "{}m", s / 60),
+                s => write!(f, "{s}s"),
+            },
+            Self::For(d) => write!(f, "{}s", d.as_secs_f64()),
+        }
+    }
+}
+
+impl From<KeepAlive> for String {
+    fn from(keep_alive: KeepAlive) -> Self {
+        keep_alive.to_string()
     }
 }
 
@@ -216,19 +211,6 @@ pub fn release_code_pages() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn budgets_parse_as_shares_sizes_and_bytes() {
-        assert_eq!(parse_budget("50%", 1000), Ok(500));
-        assert_eq!(parse_budget("2GiB", 0), Ok(2 << 30));
-        assert_eq!(parse_budget("1.5G", 0), Ok(1_500_000_000));
-        assert_eq!(parse_budget("512 MiB", 0), Ok(512 << 20));
-        assert_eq!(parse_budget("123456", 0), Ok(123456));
-        assert!(parse_budget("150%", 1000).is_err());
-        assert!(parse_budget("lots", 1000).is_err());
-        assert!(parse_budget("2 parsecs", 1000).is_err());
-        assert!(parse_budget("0", 1000).is_err());
-    }
 
     #[test]
     fn keep_alive_durations() {

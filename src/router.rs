@@ -1,7 +1,7 @@
 //! Which backend answers a request: by the model it names, and for the student's model in
 //! hybrid mode by the configured policy, with the other backend as the fallback.
 
-use crate::config::{Config, Mode, Policy};
+use crate::config::{Config, Mode, Policy, TeacherRoute};
 
 /// A backend a request can go to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,21 +36,20 @@ pub struct Router {
     policy: Policy,
     student_name: String,
     /// Client-facing teacher model names -> upstream names, in listing order.
-    teacher_models: Vec<(String, String)>,
+    teacher_models: Vec<TeacherRoute>,
     teacher_default: String,
 }
 
 impl Router {
     pub fn new(config: &Config) -> Self {
-        let mut teacher_models: Vec<(String, String)> = vec![];
+        let mut teacher_models: Vec<TeacherRoute> = vec![];
         if config.mode != Mode::Student {
-            let entries = std::iter::once(config.teacher.model.as_str())
-                .chain(config.teacher.models.iter().map(String::as_str));
-            for entry in entries {
-                let (name, upstream) = entry.split_once('=').unwrap_or((entry, entry));
-                let (name, upstream) = (name.trim().to_string(), upstream.trim().to_string());
-                if !teacher_models.iter().any(|(n, _)| *n == name) {
-                    teacher_models.push((name, upstream));
+            let model = config.teacher.model.trim();
+            let routes = std::iter::once(TeacherRoute::new(model, model))
+                .chain(config.teacher.models.iter().cloned());
+            for route in routes {
+                if !teacher_models.iter().any(|r| r.name == route.name) {
+                    teacher_models.push(route);
                 }
             }
         }
@@ -102,8 +101,8 @@ impl Router {
     fn upstream_for(&self, model: &str) -> Option<&str> {
         self.teacher_models
             .iter()
-            .find(|(name, _)| name == model)
-            .map(|(_, upstream)| upstream.as_str())
+            .find(|r| r.name == model)
+            .map(|r| r.upstream.as_str())
     }
 
     /// The model ids `/v1/models` lists.
@@ -111,7 +110,7 @@ impl Router {
         let student = (self.mode != Mode::Teacher).then(|| self.student_name.clone());
         student
             .into_iter()
-            .chain(self.teacher_models.iter().map(|(n, _)| n.clone()))
+            .chain(self.teacher_models.iter().map(|r| r.name.clone()))
             .collect()
     }
 }
@@ -127,7 +126,10 @@ mod tests {
         };
         config.student.name = "local".into();
         config.teacher.model = "big".into();
-        config.teacher.models = vec!["fast=small-v2".into(), "other".into()];
+        config.teacher.models = vec![
+            TeacherRoute::new("fast", "small-v2"),
+            TeacherRoute::new("other", "other"),
+        ];
         config.teacher.policy = policy;
         Router::new(&config)
     }

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{SMOLLM2, config_for, health, model_id, post, spawn};
+use duet::memory::KeepAlive;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -42,7 +43,7 @@ async fn wait_for(base: &str, what: &str, check: impl Fn(&Value) -> bool) -> Val
 #[tokio::test]
 async fn a_budget_too_small_refuses_the_model_with_both_numbers() {
     let mut config = config_for(SMOLLM2);
-    config.memory.max_bytes = "50MB".into();
+    config.memory.max_bytes = "50MB".parse().unwrap();
     let base = spawn(config);
     let resp = post(&base, &ask(4)).await;
     assert_eq!(resp.status(), 503);
@@ -62,7 +63,7 @@ async fn a_spent_budget_is_a_429_and_the_leaver_gives_its_memory_back() {
     let mut config = config_for(SMOLLM2);
     // Room for the model (~120 MB estimated) and a 4,096-token context (~94 MB of f16
     // keys and values), and then for one 3,000-token request (~70 MB), not two.
-    config.memory.max_bytes = "230MB".into();
+    config.memory.max_bytes = "230MB".parse().unwrap();
     let base = spawn(config);
     let running = occupy(&base).await;
     let h = health(&base).await;
@@ -171,7 +172,7 @@ async fn the_rate_limit_gives_429_after_its_count() {
 #[tokio::test]
 async fn keep_alive_zero_unloads_after_the_request() {
     let mut config = config_for(SMOLLM2);
-    config.memory.keep_alive = "0".into();
+    config.memory.keep_alive = KeepAlive::For(Duration::ZERO);
     let base = spawn(config);
     assert_eq!(post(&base, &ask(2)).await.status(), 200);
     let h = wait_for(&base, "unload", |h| h["student"]["state"] == "unloaded").await;

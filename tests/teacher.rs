@@ -14,7 +14,7 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
 use common::{SMOLLM2, client, config_for, model_id, post, spawn};
-use duet::config::{Config, Mode, Policy};
+use duet::config::{Config, Mode, Policy, TeacherRoute};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -359,7 +359,7 @@ async fn hybrid_routes_by_model_name() {
         &format!("{}/v1", real_teacher()),
         &model_id(SMOLLM2),
     );
-    config.teacher.models = vec![format!("remote={}", model_id(SMOLLM2))];
+    config.teacher.models = vec![TeacherRoute::new("remote", model_id(SMOLLM2))];
     let hybrid = spawn(config);
     let models = client(&hybrid).models().list().await.unwrap();
     let ids: Vec<_> = models.data.iter().map(|m| m.id.as_str()).collect();

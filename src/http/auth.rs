@@ -26,7 +26,7 @@ impl ClientKeys {
         let mut keys: Vec<Vec<u8>> = config
             .api_keys
             .iter()
-            .map(|k| k.trim().as_bytes().to_vec())
+            .map(|k| k.expose().trim().as_bytes().to_vec())
             .collect();
         if !config.api_keys_file.is_empty() {
             let text = std::fs::read_to_string(&config.api_keys_file).map_err(|e| {

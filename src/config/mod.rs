@@ -1,0 +1,315 @@
+//! duet's settings: the [`Config`] struct, its sections and their built-in defaults.
+//! Loading them (defaults < TOML file < environment, `.env` included < command line) is
+//! in `layering`, the Python app's variables in `legacy`, the checks in `validate`; values
+//! with a shape of their own (the byte budget, teacher routes, client keys) are typed once,
+//! when the configuration loads, in `types` and `secret`.
+
+mod layering;
+mod legacy;
+mod secret;
+mod types;
+mod validate;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::memory::KeepAlive;
+pub use layering::load;
+pub use secret::Secret;
+pub use types::{MemoryBudget, TeacherRoute};
+
+/// Every setting duet has. `config/default.toml` documents each one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Who answers: the local student, the upstream teacher, or both (hybrid).
+    pub mode: Mode,
+    pub server: ServerConfig,
+    pub student: StudentConfig,
+    pub teacher: TeacherConfig,
+    pub memory: MemoryConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// The budget: a size (`2GiB`, `1500MB`, bytes) or a share of the memory available to
+    /// duet when it starts (`50%`, the machine's or its cgroup's, whichever is lower).
+    pub max_bytes: MemoryBudget,
+    /// How long the student stays loaded after its last request: `5m`, `30s`, `1h`;
+    /// `0` unloads after each request; `-1` never unloads. Requests may set their own.
+    pub keep_alive: KeepAlive,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: MemoryBudget::ShareOfAvailable(50.0),
+            keep_alive: KeepAlive::For(Duration::from_secs(5 * 60)),
+        }
+    }
+}
+
+/// Rate limits (0 turns one off; per client means per API key, else per address) and
+/// input limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+    pub global_requests_per_minute: u32,
+    pub global_tokens_per_minute: u32,
+    /// Most messages one request may hold.
+    pub max_messages: usize,
+    /// Cap on a request's max_tokens (0: only the context bounds it).
+    pub max_tokens: usize,
+    /// Over the cap: lower max_tokens to it (true) or refuse with 400 (false).
+    pub clamp_max_tokens: bool,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            global_requests_per_minute: 0,
+            global_tokens_per_minute: 0,
+            max_messages: 1024,
+            max_tokens: 0,
+            clamp_max_tokens: true,
+        }
+    }
+}
+
+/// `mode`: which backends serve requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Local model only.
+    #[default]
+    Student,
+    /// Everything upstream; no weights are ever loaded (the lowest-memory profile).
+    Teacher,
+    /// Both: by model name, and for the student's name by `teacher.policy`.
+    Hybrid,
+}
+
+/// `teacher.policy`: who answers requests for the student's model name in hybrid mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The student, unless it is busy beyond its queue, failed to load, or the request
+    /// needs what it cannot do (tools, logprobs, ...): then the teacher.
+    #[default]
+    StudentFirst,
+    /// The teacher, unless it is unreachable, times out, or answers 5xx or 429: then the student.
+    TeacherFirst,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherConfig {
+    /// The upstream OpenAI-compatible API, up to and including `/v1`.
+    pub base_url: String,
+    /// Name of the environment variable that holds the upstream's API key (never the key).
+    pub api_key_env: String,
+    /// Upstream model used for requests that name the student's model and go upstream.
+    pub model: String,
+    /// More model names routed upstream, each `name` or `name=upstream-name`.
+    pub models: Vec<TeacherRoute>,
+    pub policy: Policy,
+    /// Limit for opening the TCP (and TLS) connection.
+    pub connect_timeout_ms: u64,
+    /// Limit from sending the request to the first byte of the answer (first event when streamed).
+    pub first_byte_timeout_ms: u64,
+    /// Limit between two chunks of a streamed answer.
+    pub chunk_timeout_ms: u64,
+    /// Extra attempts after a connection error, a timeout before the first byte, or a 5xx.
+    pub retries: u32,
+}
+
+impl Default for TeacherConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key_env: "TEACHER_API_KEY".into(),
+            model: "gpt-4o-mini".into(),
+            models: vec![],
+            policy: Policy::StudentFirst,
+            connect_timeout_ms: 5_000,
+            first_byte_timeout_ms: 60_000,
+            chunk_timeout_ms: 60_000,
+            retries: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to bind; loopback by default so nothing outside this machine can connect.
+    pub host: String,
+    pub port: u16,
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// HTTP worker threads (0: one per CPU core). Generation never runs on them.
+    pub workers: usize,
+    /// Keys clients must send as `Authorization: Bearer <key>` (none: no check). They
+    /// print as `***`, so no `Debug` of the configuration shows them.
+    pub api_keys: Vec<Secret>,
+    /// A file with more keys, one per line.
+    pub api_keys_file: String,
+    /// Allows binding a non-loopback address without keys.
+    pub allow_unauthenticated: bool,
+    /// Origins allowed to call duet from a browser (CORS); empty: none, `*`: any.
+    pub cors_origins: Vec<String>,
+    /// Longest wait for the next piece of a request body (408 beyond).
+    pub read_timeout_ms: u64,
+    /// On SIGTERM or Ctrl-C, how long in-flight answers may take to finish.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudentConfig {
+    /// A GGUF file path, or a Hugging Face `owner/repo/file.gguf` fetched on first use.
+    pub model: String,
+    /// The model id clients send and `/v1/models` lists ("" = the file name without `.gguf`).
+    pub name: String,
+    /// Generated tokens when a request sets no `max_tokens`.
+    pub max_new_tokens: usize,
+    /// Longest sequence (prompt + completion) accepted; capped by what the model was trained for.
+    pub context_length: usize,
+    /// Requests that may wait for the model; more are answered 429 with Retry-After.
+    pub queue_size: usize,
+    /// Sequences generated together in one forward pass (continuous batching); requests
+    /// beyond it wait in the queue.
+    pub parallel: usize,
+    /// CPU threads for the model's arithmetic; 0 = the physical cores. Read once per process.
+    pub threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 4 * 1024 * 1024,
+            workers: 0,
+            api_keys: vec![],
+            api_keys_file: String::new(),
+            allow_unauthenticated: false,
+            cors_origins: vec![],
+            read_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for StudentConfig {
+    fn default() -> Self {
+        Self {
+            model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            name: String::new(),
+            max_new_tokens: 512,
+            context_length: 4096,
+            queue_size: 64,
+            parallel: 4,
+            threads: 0,
+        }
+    }
+}
+
+/// A start-up error about configuration; always names the key or variable at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// The model id clients use for the student.
+    pub fn student_name(&self) -> String {
+        if !self.student.name.is_empty() {
+            return self.student.name.clone();
+        }
+        let file = self
+            .student
+            .model
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.student.model);
+        file.strip_suffix(".gguf").unwrap_or(file).to_string()
+    }
+
+    /// The config file named by `DUET_CONFIG`, when the command line names none.
+    pub fn file_from_env() -> Option<PathBuf> {
+        std::env::var_os("DUET_CONFIG").map(PathBuf::from)
+    }
+}
+
+/// What the tests of every configuration file share.
+#[cfg(test)]
+mod testing {
+    use std::path::{Path, PathBuf};
+
+    /// Environment variables as `load` takes them.
+    pub fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    pub fn repo_file(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+
+    /// A model path that exists, so validation passes in every test.
+    pub fn existing_model() -> String {
+        repo_file("Cargo.toml").display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{env, existing_model, repo_file};
+    use super::*;
+
+    #[test]
+    fn shipped_default_toml_matches_the_built_in_defaults() {
+        let text = std::fs::read_to_string(repo_file("config/default.toml")).unwrap();
+        let from_file: Config = toml::from_str(&text).unwrap();
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn the_model_name_defaults_to_the_file_name() {
+        let mut c = Config::default();
+        assert_eq!(c.student_name(), "SmolLM2-135M-Instruct.Q4_1");
+        c.student.name = "smol".into();
+        assert_eq!(c.student_name(), "smol");
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_client_key() {
+        let c = load(
+            None,
+            env(&[
+                ("DUET_STUDENT_MODEL", &existing_model()),
+                ("DUET_SERVER_API_KEYS", "sk-client-secret-123"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.server.api_keys[0].expose(), "sk-client-secret-123");
+        for shown in [
+            format!("{c:?}"),
+            format!("{c:#?}"),
+            format!("{:?}", c.server),
+        ] {
+            assert!(!shown.contains("sk-client-secret"), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+    }
+}
