@@ -20,6 +20,7 @@ use std::sync::Arc;
 use actix_web::{App, HttpServer, web};
 
 use admission::Admission;
+use backend::ChatBackend;
 use config::{Config, Mode};
 use http::AppState;
 use router::Router;
@@ -31,19 +32,31 @@ pub struct Running {
     pub addr: SocketAddr,
     pub server: actix_web::dev::Server,
     pub state: web::Data<AppState>,
+    /// The local engine behind `state.student`, when duet runs its own (not in teacher mode,
+    /// nor when a test supplied another backend).
+    pub engine: Option<Arc<Student>>,
     /// Set to `true` when the shutdown grace period is over: open streams then end.
     pub end_streams: tokio::sync::watch::Sender<bool>,
 }
 
 /// Binds the listener and builds the app; no model weights are read here.
 pub fn start(config: &Config) -> std::io::Result<Running> {
+    start_with(config, None)
+}
+
+/// [`start`], with `student` answering for the student's model instead of the local engine
+/// (tests of the HTTP edge use a small fake backend, no model file needed).
+pub fn start_with(
+    config: &Config,
+    student: Option<Arc<dyn ChatBackend>>,
+) -> std::io::Result<Running> {
     memory::configure_allocator();
     let budget = config.memory.max_bytes.resolve(memory::available_bytes());
     let admission = Admission::new(budget);
     let client_keys =
         Arc::new(http::auth::ClientKeys::load(&config.server).map_err(std::io::Error::other)?);
     let (end_streams, shutdown) = tokio::sync::watch::channel(false);
-    let student = (config.mode != Mode::Teacher).then(|| {
+    let engine = (config.mode != Mode::Teacher && student.is_none()).then(|| {
         Arc::new(Student::start(
             &config.student,
             config.student_name(),
@@ -51,6 +64,11 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
             config.memory.keep_alive,
         ))
     });
+    let student = match (config.mode, student, &engine) {
+        (Mode::Teacher, _, _) => None,
+        (_, Some(custom), _) => Some(custom),
+        (_, None, engine) => engine.clone().map(|e| e as Arc<dyn ChatBackend>),
+    };
     let teacher = match config.mode {
         Mode::Student => None,
         Mode::Teacher | Mode::Hybrid => {
@@ -106,6 +124,7 @@ pub fn start(config: &Config) -> std::io::Result<Running> {
         addr,
         server: server.run(),
         state,
+        engine,
         end_streams,
     })
 }

@@ -3,9 +3,9 @@
 
 use crate::config::{Config, Mode, Policy, TeacherRoute};
 
-/// A backend a request can go to.
+/// Where a request can go: the local student, or the teacher under an upstream model name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
+pub enum Route {
     Student,
     /// The teacher, asked for this upstream model.
     Teacher {
@@ -13,7 +13,7 @@ pub enum Backend {
     },
 }
 
-impl Backend {
+impl Route {
     /// The `x-duet-backend` header value.
     pub fn name(&self) -> &'static str {
         match self {
@@ -26,8 +26,8 @@ impl Backend {
 /// Where a request goes first, and where it may go if that fails before answering.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    pub first: Backend,
-    pub fallback: Option<Backend>,
+    pub first: Route,
+    pub fallback: Option<Route>,
 }
 
 /// The routing table, built once from the configuration.
@@ -64,7 +64,7 @@ impl Router {
 
     /// The plan for a request naming `model`.
     pub fn plan(&self, model: &str) -> Option<Plan> {
-        let teacher = |upstream: &str| Backend::Teacher {
+        let teacher = |upstream: &str| Route::Teacher {
             upstream_model: upstream.to_string(),
         };
         let only = |first| {
@@ -74,7 +74,7 @@ impl Router {
             })
         };
         match self.mode {
-            Mode::Student if model == self.student_name => only(Backend::Student),
+            Mode::Student if model == self.student_name => only(Route::Student),
             Mode::Student => None,
             Mode::Teacher => match self.upstream_for(model) {
                 Some(upstream) => only(teacher(upstream)),
@@ -85,12 +85,12 @@ impl Router {
             },
             Mode::Hybrid if model == self.student_name => Some(match self.policy {
                 Policy::StudentFirst => Plan {
-                    first: Backend::Student,
+                    first: Route::Student,
                     fallback: Some(teacher(&self.teacher_default)),
                 },
                 Policy::TeacherFirst => Plan {
                     first: teacher(&self.teacher_default),
-                    fallback: Some(Backend::Student),
+                    fallback: Some(Route::Student),
                 },
             }),
             Mode::Hybrid => only(teacher(self.upstream_for(model).unwrap_or(model))),
@@ -134,8 +134,8 @@ mod tests {
         Router::new(&config)
     }
 
-    fn teacher(m: &str) -> Backend {
-        Backend::Teacher {
+    fn teacher(m: &str) -> Route {
+        Route::Teacher {
             upstream_model: m.into(),
         }
     }
@@ -146,7 +146,7 @@ mod tests {
         assert_eq!(
             r.plan("local"),
             Some(Plan {
-                first: Backend::Student,
+                first: Route::Student,
                 fallback: None
             })
         );
@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(
             r.plan("local"),
             Some(Plan {
-                first: Backend::Student,
+                first: Route::Student,
                 fallback: Some(teacher("big"))
             })
         );
@@ -185,7 +185,7 @@ mod tests {
             r.plan("local"),
             Some(Plan {
                 first: teacher("big"),
-                fallback: Some(Backend::Student)
+                fallback: Some(Route::Student)
             })
         );
         assert_eq!(r.model_ids(), vec!["local", "big", "fast", "other"]);

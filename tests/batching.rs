@@ -40,6 +40,7 @@ async fn concurrent_requests_get_the_answers_they_get_alone() {
             &chat(&base, json!([{"role": "user", "content": p}]), 24).await,
         ));
     }
+    let before = health(&base).await["student"].clone();
     let together = futures::future::join_all(
         prompts
             .iter()
@@ -48,7 +49,18 @@ async fn concurrent_requests_get_the_answers_they_get_alone() {
     .await;
     let together: Vec<String> = together.iter().map(content).collect();
     assert_eq!(together, alone);
-    assert_eq!(health(&base).await["student"]["completed"], 8);
+    let after = health(&base).await["student"].clone();
+    assert_eq!(after["completed"], 8);
+    // Run together, the four shared their forward passes: an engine that ran them one at a
+    // time would carry one sequence per pass.
+    let delta = |key: &str| after[key].as_u64().unwrap() - before[key].as_u64().unwrap();
+    let mean_batch = delta("batched_sequences") as f64 / delta("forward_passes") as f64;
+    assert!(
+        mean_batch >= 2.0,
+        "{} sequences over {} passes",
+        delta("batched_sequences"),
+        delta("forward_passes")
+    );
 }
 
 #[tokio::test]

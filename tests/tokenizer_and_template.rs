@@ -5,20 +5,22 @@ mod common;
 
 use common::{QWEN, SMOLLM2, model_path};
 use duet::backend::ChatMessage;
-use duet::student::gguf::GgufHeader;
-use duet::student::loaded::LoadedModel;
-use duet::student::template::ChatTemplate;
-use duet::student::tokenizer::StudentTokenizer;
+use duet::student::load::LoadedModel;
+use duet::student::load::gguf::GgufHeader;
+use duet::student::load::vocabulary::load_tokenizer;
+use duet::student::text::template::ChatTemplate;
+use duet::student::text::tokenizer::StudentTokenizer;
 
 fn tokenizer(file: &str) -> StudentTokenizer {
     let path = model_path(file);
-    StudentTokenizer::load(&path, &GgufHeader::read(&path).unwrap()).unwrap()
+    load_tokenizer(&path, &GgufHeader::read(&path).unwrap()).unwrap()
 }
 
 fn template(file: &str, tok: &StudentTokenizer) -> ChatTemplate {
     let path = model_path(file);
     let header = GgufHeader::read(&path).unwrap();
-    let source = duet::student::gguf::string(header.metadata(), "tokenizer.chat_template").unwrap();
+    let source =
+        duet::student::load::gguf::string(header.metadata(), "tokenizer.chat_template").unwrap();
     let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
     ChatTemplate::new(&source, text(tok.bos), text(tok.eos)).unwrap()
 }

@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use duet::backend::ChatMessage;
-use duet::student::gguf::{self, GgufHeader};
-use duet::student::template::ChatTemplate;
+use duet::student::load::gguf::{self, GgufHeader};
+use duet::student::text::template::ChatTemplate;
 use libfuzzer_sys::fuzz_target;
 
 fn templates() -> &'static [ChatTemplate] {

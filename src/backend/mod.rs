@@ -7,8 +7,10 @@ use tokio::sync::mpsc;
 
 use crate::error::DuetError;
 use crate::memory::KeepAlive;
+
+mod status;
 pub use crate::openai::types::{FinishReason, Usage};
-pub use crate::student::sampler::SamplingParams;
+pub use status::{LoadState, Outcome, StudentStatus};
 
 /// One message of a conversation, with its role checked.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -55,4 +57,34 @@ pub trait ChatBackend: Send + Sync {
         &self,
         request: GenerationRequest,
     ) -> BoxFuture<'static, Result<Generation, DuetError>>;
+
+    /// Where the backend's model is and what it has done, for `/health` and `/metrics`.
+    fn status(&self) -> StudentStatus;
+}
+
+/// Sampling settings of one request, already validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0: all).
+    pub top_p: f32,
+    /// Keep only the `top_k` likeliest tokens (None: all).
+    pub top_k: Option<usize>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
 }

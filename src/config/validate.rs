@@ -79,7 +79,7 @@ impl Config {
         // Teacher mode never loads weights, so it needs no model file.
         if self.mode != Mode::Teacher
             && !Path::new(model).exists()
-            && crate::student::source::hub_reference(model).is_none()
+            && crate::student::load::fetch::hub_reference(model).is_none()
         {
             return bad(
                 "student.model",

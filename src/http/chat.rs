@@ -10,12 +10,11 @@ use serde_json::Value;
 use super::completion::{CompletionMeta, TokenMeter, stream_response, whole_response};
 use super::shutdown::until_shutdown;
 use super::{AppState, auth, read_body, unix_now};
-use crate::backend::ChatBackend;
 use crate::error::DuetError;
 use crate::openai::types::ChatCompletionRequest;
 use crate::openai::validate::validate;
 use crate::rate_limit::ClientId;
-use crate::router::Backend;
+use crate::router::Route;
 use crate::teacher::TeacherReply;
 
 /// Names the backend that answered, on every response.
@@ -58,9 +57,9 @@ pub async fn completions(
         .router
         .plan(model)
         .ok_or_else(|| DuetError::ModelNotFound(model.to_string()))?;
-    let meter = |backend: &Backend| token_meter(&state, client, backend.name());
+    let meter = |route: &Route| token_meter(&state, client, route.name());
     let first = &plan.first;
-    let (backend, result) = match answer(&state, first, &request, meter(first)).await {
+    let (route, result) = match answer(&state, first, &request, meter(first)).await {
         Err(e) if e.allows_fallback() && plan.fallback.is_some() => {
             let fallback = plan.fallback.as_ref().expect("checked above");
             tracing::info!(reason = %e, to = fallback.name(), "falling back");
@@ -76,12 +75,12 @@ pub async fn completions(
         }
         result => (first, result),
     };
-    let mut response = with_backend(result.unwrap_or_else(|e| e.error_response()), backend);
+    let mut response = with_backend(result.unwrap_or_else(|e| e.error_response()), route);
     let status = response.status();
     state
         .metrics
         .requests
-        .with_label_values(&[backend.name(), status.as_str()])
+        .with_label_values(&[route.name(), status.as_str()])
         .inc();
     for (name, value) in rate_headers {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -109,13 +108,13 @@ fn token_meter(state: &web::Data<AppState>, client: ClientId, backend: &'static 
 /// Asks one backend; an error here means nothing was sent to the client yet.
 async fn answer(
     state: &AppState,
-    backend: &Backend,
+    route: &Route,
     request: &Value,
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
     let response =
-        match backend {
-            Backend::Student => {
+        match route {
+            Route::Student => {
                 let student = state
                     .student
                     .as_ref()
@@ -146,7 +145,7 @@ async fn answer(
                     whole_response(generation, meta, meter).await?
                 }
             }
-            Backend::Teacher { upstream_model } => {
+            Route::Teacher { upstream_model } => {
                 let teacher = state
                     .teacher
                     .as_ref()
@@ -171,10 +170,10 @@ async fn answer(
 }
 
 /// Every response names the backend that produced it.
-fn with_backend(mut response: HttpResponse, backend: &Backend) -> HttpResponse {
+fn with_backend(mut response: HttpResponse, route: &Route) -> HttpResponse {
     response.headers_mut().insert(
         HeaderName::from_static(BACKEND_HEADER),
-        HeaderValue::from_static(backend.name()),
+        HeaderValue::from_static(route.name()),
     );
     response
 }
@@ -184,5 +183,5 @@ fn completion_tokens_in(body: &[u8]) -> u32 {
     serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v["usage"]["completion_tokens"].as_u64())
-        .map_or(0, |n| n as u32)
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
 }

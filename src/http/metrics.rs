@@ -6,8 +6,8 @@ use actix_web::{HttpResponse, web};
 use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use super::AppState;
+use crate::backend::LoadState;
 use crate::memory;
-use crate::student::LoadState;
 
 /// The server's own registry (one per server, so servers in one process never mix).
 pub struct Metrics {
@@ -19,7 +19,7 @@ pub struct Metrics {
 }
 
 /// Gauges read fresh at every scrape.
-const GAUGES: [(&str, &str); 10] = [
+const GAUGES: [(&str, &str); 12] = [
     (
         "duet_memory_budget_bytes",
         "The memory budget (memory.max_bytes).",
@@ -59,6 +59,14 @@ const GAUGES: [(&str, &str); 10] = [
     (
         "duet_student_measured_rss_bytes",
         "Resident memory measured right after the student loaded.",
+    ),
+    (
+        "duet_student_forward_passes_total",
+        "Forward passes the student ran.",
+    ),
+    (
+        "duet_student_batched_sequences_total",
+        "Sequences those passes carried in all (over passes: the mean batch size).",
     ),
 ];
 
@@ -107,7 +115,9 @@ impl Metrics {
     }
 
     fn set(&self, name: &str, value: u64) {
-        if let Some((_, g)) = self.gauges.iter().find(|(n, _)| *n == name) {
+        let gauge = self.gauges.iter().find(|(n, _)| *n == name);
+        debug_assert!(gauge.is_some(), "no gauge named {name}");
+        if let Some((_, g)) = gauge {
             g.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
@@ -130,6 +140,11 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     m.set("duet_admission_refused_total", ledger.refused);
     if let Some(status) = state.student.as_ref().map(|s| s.status()) {
         m.set("duet_student_loads_total", u64::from(status.loads));
+        m.set("duet_student_forward_passes_total", status.forward_passes);
+        m.set(
+            "duet_student_batched_sequences_total",
+            status.batched_sequences,
+        );
         let loaded = matches!(status.state, LoadState::Ready { .. });
         m.set("duet_student_loaded", u64::from(loaded));
         if let LoadState::Ready {

@@ -16,17 +16,18 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use futures::StreamExt;
 
 use crate::admission::Admission;
+use crate::backend::ChatBackend;
 use crate::config::Mode;
 use crate::error::DuetError;
 use crate::rate_limit::RateLimits;
 use crate::router::Router;
-use crate::student::Student;
 use crate::teacher::Teacher;
 
 /// What every handler shares; built once, outside `HttpServer::new`.
 pub struct AppState {
-    /// The local model; absent in teacher mode, where no weights are ever loaded.
-    pub student: Option<Arc<Student>>,
+    /// What answers for the local model (the student's engine); absent in teacher mode,
+    /// where no weights are ever loaded.
+    pub student: Option<Arc<dyn ChatBackend>>,
     pub teacher: Option<Arc<Teacher>>,
     pub router: Router,
     /// The memory ledger requests are admitted against.

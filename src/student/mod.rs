@@ -1,198 +1,24 @@
 //! The local student model: loaded lazily, exactly once, on its own engine thread, and
-//! served through the [`ChatBackend`] trait.
+//! served through the [`ChatBackend`](crate::backend::ChatBackend) trait.
+//!
+//! - [`handle`]: the [`Student`] the HTTP edge holds (admission, the job queue);
+//! - [`engine`]: the engine thread (its loop, the scheduler that plans each forward pass, one
+//!   request's sequence, the sampler);
+//! - [`load`]: reading a model (GGUF header, fetching from the hub, the memory footprint);
+//! - [`model`]: the forward pass (shape, transformer, attention, ops, quantized weights);
+//! - [`kernels`]: duet's own quantized matrix products, per block format and instruction set;
+//! - [`cache`]: key/value caches, and the prefix cache that keeps them across requests;
+//! - [`text`]: tokenizer, chat template, detokenizer, stop strings.
+//!
+//! What it reports in `/health` and `/metrics` is [`StudentStatus`].
 
-pub mod attention;
-pub mod detokenizer;
+pub mod cache;
 pub mod engine;
-pub mod footprint;
-pub mod gguf;
+pub mod handle;
 pub mod kernels;
-pub mod kv_cache;
-pub mod loaded;
+pub mod load;
 pub mod model;
-pub mod ops;
-pub mod prompt_cache;
-pub mod sampler;
-pub mod sequence;
-pub mod source;
-pub mod stop;
-pub mod template;
-pub mod tokenizer;
-pub mod weights;
+pub mod text;
 
-use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-
-use futures::future::BoxFuture;
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
-
-use crate::admission::{Admission, QueuedReservation};
-use crate::backend::{ChatBackend, Generation, GenerationRequest};
-use crate::config::StudentConfig;
-use crate::error::DuetError;
-use crate::memory::KeepAlive;
-use engine::{EngineSettings, Job};
-
-/// Where the student's weights are, as `/health` reports it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "state", rename_all = "lowercase")]
-pub enum LoadState {
-    /// Nothing loaded yet: the first chat request loads the model.
-    Unloaded,
-    Loading,
-    Ready {
-        load_seconds: f64,
-        /// Bytes of weights held (the GGUF's tensors, still quantized).
-        weight_bytes: u64,
-        /// The footprint estimated from the GGUF header before loading (without requests).
-        estimated_bytes: u64,
-        /// The process's resident memory right after loading.
-        measured_rss_bytes: u64,
-        context_length: usize,
-        /// Key/value cache one token of context occupies.
-        kv_bytes_per_token: usize,
-    },
-    Failed {
-        reason: String,
-    },
-}
-
-/// Shared view of the engine's state, for `/health`.
-#[derive(Debug, Clone, Serialize)]
-pub struct StudentStatus {
-    pub model: String,
-    #[serde(flatten)]
-    pub state: LoadState,
-    /// How many times the weights were loaded since start.
-    pub loads: u32,
-    /// Generations that ran to their end.
-    pub completed: u64,
-    /// Generations stopped early because their client went away.
-    pub cancelled: u64,
-}
-
-/// Handle to the engine thread; cheap to share between HTTP workers.
-pub struct Student {
-    jobs: SyncSender<Job>,
-    status: Arc<Mutex<StudentStatus>>,
-    admission: Arc<Admission>,
-    max_new_tokens: u64,
-    /// No request generates more tokens than this (`student.context_length`).
-    context_length: u64,
-}
-
-/// Gives a queued request's memory back if the client leaves before the engine starts it.
-struct AbandonOnDrop(QueuedReservation);
-
-impl Drop for AbandonOnDrop {
-    fn drop(&mut self) {
-        self.0.abandon();
-    }
-}
-
-/// Events a generation may send beyond one per token: held-back stop-sequence text, the end.
-const EXTRA_EVENTS: usize = 4;
-
-/// Tokens a chat template may add around the messages (default system prompt, generation
-/// prompt), and around each message (role, start and end markers).
-const TEMPLATE_TOKENS: u64 = 64;
-const TOKENS_PER_MESSAGE: u64 = 8;
-
-impl Student {
-    /// Starts the engine thread; no weights are read until the first request.
-    pub fn start(
-        config: &StudentConfig,
-        name: String,
-        admission: Arc<Admission>,
-        keep_alive: KeepAlive,
-    ) -> Self {
-        let status = Arc::new(Mutex::new(StudentStatus {
-            model: name,
-            state: LoadState::Unloaded,
-            loads: 0,
-            completed: 0,
-            cancelled: 0,
-        }));
-        let settings = EngineSettings {
-            student: config.clone(),
-            budget: admission.budget(),
-            keep_alive,
-        };
-        let jobs = engine::spawn(settings, status.clone(), admission.clone());
-        Self {
-            jobs,
-            status,
-            admission,
-            max_new_tokens: config.max_new_tokens as u64,
-            context_length: config.context_length as u64,
-        }
-    }
-
-    pub fn status(&self) -> StudentStatus {
-        self.status.lock().expect("status lock").clone()
-    }
-}
-
-impl ChatBackend for Student {
-    fn generate(
-        &self,
-        request: GenerationRequest,
-    ) -> BoxFuture<'static, Result<Generation, DuetError>> {
-        // Memory first: the body, and a key/value cache for at most one token per prompt
-        // byte (plus the template's) and max_tokens; the engine trims it once tokenized.
-        let text_bytes: u64 = request
-            .messages
-            .iter()
-            .map(|m| m.content.len() as u64)
-            .sum();
-        let max_tokens = request.max_tokens.map_or(self.max_new_tokens, |n| n as u64);
-        let template_tokens = TEMPLATE_TOKENS + TOKENS_PER_MESSAGE * request.messages.len() as u64;
-        let reservation =
-            match self
-                .admission
-                .admit(text_bytes, text_bytes + template_tokens, max_tokens)
-            {
-                Ok(r) => r,
-                Err(e) => return Box::pin(async move { Err(e) }),
-            };
-        let (started_tx, started_rx) = oneshot::channel();
-        // Room for every event the request can produce: a client that reads slowly must never
-        // make the engine wait, since every stream of the batch would wait with it. The
-        // buffer grows only as events queue up, a few bytes each, at most max_tokens of them.
-        let most_tokens = max_tokens.min(self.context_length) as usize;
-        let (events_tx, events_rx) = mpsc::channel(most_tokens + EXTRA_EVENTS);
-        let reservation = QueuedReservation::new(reservation);
-        let job = Job {
-            request,
-            reservation: reservation.clone(),
-            started: started_tx,
-            events: events_tx,
-        };
-        let queued = self.jobs.try_send(job);
-        Box::pin(async move {
-            // Dropped with this future: if the client leaves while the request waits in the
-            // queue, its memory is back at once. Once the engine has started the request the
-            // reservation is the engine's and this does nothing.
-            let _leave = AbandonOnDrop(reservation);
-            match queued {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    return Err(DuetError::Overloaded(
-                        "the student's queue is full (student.queue_size); retry shortly".into(),
-                    ));
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    return Err(DuetError::Internal("the engine thread has stopped".into()));
-                }
-            }
-            let prompt_tokens = started_rx
-                .await
-                .map_err(|_| DuetError::Internal("the engine dropped the request".into()))??;
-            Ok(Generation {
-                prompt_tokens,
-                events: events_rx,
-            })
-        })
-    }
-}
+pub use crate::backend::{LoadState, StudentStatus};
+pub use handle::Student;

@@ -4,9 +4,13 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use std::sync::Arc;
+
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
+use duet::backend::ChatBackend;
 use duet::config::Config;
+use duet::student::Student;
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
@@ -36,15 +40,26 @@ pub fn config_for(model_file: &str) -> Config {
 /// Starts duet on its own thread and runtime (it outlives any one test) and returns its
 /// base URL, e.g. `http://127.0.0.1:43121`.
 pub fn spawn(config: Config) -> String {
+    spawn_with(config, None).0
+}
+
+/// [`spawn`], with `student` answering for the student's model when given; also returns the
+/// local engine when duet runs its own (for its test hooks).
+pub fn spawn_with(
+    config: Config,
+    student: Option<Arc<dyn ChatBackend>>,
+) -> (String, Option<Arc<Student>>) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
-            let running = duet::start(&config).expect("bind a loopback port");
-            tx.send(running.addr).expect("report the address");
+            let running = duet::start_with(&config, student).expect("bind a loopback port");
+            tx.send((running.addr, running.engine.clone()))
+                .expect("report the address");
             running.server.await.expect("server runs");
         })
     });
-    format!("http://{}", rx.recv().expect("server started"))
+    let (addr, engine) = rx.recv().expect("server started");
+    (format!("http://{addr}"), engine)
 }
 
 /// One SmolLM2 server shared by the tests of a binary.

@@ -1,13 +1,13 @@
 //! Causal grouped-query attention of a sequence's new rows against its key/value cache,
 //! straight over the cache's buffers: no copies of keys, no mask tensor, one work item per
 //! (row, key/value head) on candle's CPU thread pool. Each row is computed alone, in a fixed order
-//! (see `ops.rs` on why that matters).
+//! (see [`ops`](super::ops) on why that matters).
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::kernels::item_slice;
 use super::ops::dot;
+use crate::student::kernels::pool::{for_each_range, item_slice};
 
 /// The attention geometry of a model.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +39,7 @@ pub fn attend(
     let out_addr = out.as_mut_ptr() as usize;
 
     let fast = simd_supported(h.head_dim);
-    candle_core::utils::barrier_pool().execute_chunked(t * h.kv_heads, |items| {
+    for_each_range(t * h.kv_heads, |items| {
         SCRATCH.with(|scratch| {
             let scratch = &mut *scratch.borrow_mut();
             for item in items {
@@ -96,7 +96,7 @@ thread_local! {
 
 /// Whether the AVX-512 path runs for heads of `head_dim` values on this CPU.
 fn simd_supported(head_dim: usize) -> bool {
-    head_dim.is_multiple_of(16) && super::kernels::cpu_supported()
+    head_dim.is_multiple_of(16) && crate::student::kernels::cpu_supported()
 }
 
 /// Any CPU: each cached key and value widened to f32 once per item.

@@ -6,32 +6,7 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Sampling settings of one request, already validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy (argmax).
-    pub temperature: f32,
-    /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0: all).
-    pub top_p: f32,
-    /// Keep only the `top_k` likeliest tokens (None: all).
-    pub top_k: Option<usize>,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    pub seed: Option<u64>,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: None,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            seed: None,
-        }
-    }
-}
+use crate::backend::SamplingParams;
 
 /// Per-sequence sampler state: the generator and how often each token was generated.
 pub struct Sampler {
@@ -60,7 +35,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
         let token = if self.params.temperature <= 0.0 {
-            super::model::argmax(logits)
+            argmax(logits)
         } else {
             self.sample_stochastic(logits)
         };
@@ -148,6 +123,17 @@ impl Sampler {
         }
         mass
     }
+}
+
+/// Index of the largest logit (greedy decoding); also what tests compare with.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[cfg(test)]

@@ -4,28 +4,20 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::detokenizer::Detokenizer;
-use super::engine::Job;
-use super::loaded::LoadedModel;
-use super::model::{KvCache, Step};
-use super::prompt_cache::PromptCache;
+use super::job::Job;
 use super::sampler::Sampler;
-use super::stop::{StopMatcher, StopScan};
 use crate::admission::Reservation;
-use crate::backend::{FinishReason, GenEvent, Usage};
+use crate::backend::{FinishReason, GenEvent, Outcome, Usage};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
+use crate::student::cache::kv::KvCache;
+use crate::student::cache::prefix::PromptCache;
+use crate::student::load::LoadedModel;
+use crate::student::model::Step;
+use crate::student::text::detokenizer::Detokenizer;
+use crate::student::text::stop::{StopMatcher, StopScan};
 
-/// How a sequence ended, for the counters in `/health`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Outcome {
-    Completed,
-    /// The client went away; generation stopped at the next token.
-    Cancelled,
-    /// The request could not be served (refused or failed); the client was told why.
-    Failed,
-}
-
+/// One request being generated: its tokens, its cache and where its text goes.
 pub struct Sequence {
     /// The prompt, then each generated token once it is to be fed back.
     tokens: Vec<u32>,
@@ -74,7 +66,7 @@ impl Sequence {
         reservation.set_tokens(total as u64);
         let (mut cache, reused) = match prompt_cache.take(&prompt) {
             Some(hit) => (hit.cache, hit.reused),
-            None => (KvCache::new(&m.model.shape), 0),
+            None => (m.model.shape.empty_cache(), 0),
         };
         // A cache taken from the prompt cache may be larger than this request was admitted
         // for: bring it to exactly what the reservation covers.
@@ -188,11 +180,6 @@ impl Sequence {
         } = self;
         tokens.truncate(in_cache);
         (tokens, cache)
-    }
-
-    /// Prompt tokens that came from the prompt cache.
-    pub fn reused(&self) -> usize {
-        self.reused
     }
 
     fn finish(&mut self, reason: FinishReason, matched_stop_sequence: bool) -> Outcome {

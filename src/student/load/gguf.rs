@@ -9,33 +9,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::error::DuetError;
-
-/// The architectures duet can run; anything else is refused by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    Llama,
-    Qwen2,
-}
-
-impl Architecture {
-    fn parse(name: &str) -> Result<Self, DuetError> {
-        match name {
-            "llama" => Ok(Self::Llama),
-            "qwen2" => Ok(Self::Qwen2),
-            other => Err(DuetError::ModelLoad(format!(
-                "unsupported model architecture `{other}`: duet runs `llama` and `qwen2` GGUF models"
-            ))),
-        }
-    }
-
-    /// The key prefix GGUF uses for this architecture's hyper-parameters.
-    pub fn key(self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Qwen2 => "qwen2",
-        }
-    }
-}
+use crate::student::model::Architecture;
 
 /// A GGUF file's header: metadata and tensor directory, no weights.
 pub struct GgufHeader {

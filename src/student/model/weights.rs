@@ -2,8 +2,8 @@
 //! kept (candle's reader copies each tensor once more, which for a large embedding table
 //! adds its whole size to the peak), and multiplied in their quantized form.
 //!
-//! Formats with a kernel of duet's own (`kernels.rs`) are multiplied there, straight from the
-//! GGUF's blocks; the rest through candle's quantized dot products
+//! Formats with a kernel of duet's own (`student/kernels/`) are multiplied there, straight
+//! from the GGUF's blocks; the rest through candle's quantized dot products
 //! (`QuantizedType::matmul_t`), never `QMatMul`, which on AVX-512 machines keeps a re-tiled
 //! copy of Q4_K/Q6_K/Q8_0 matrices beside the original, up to twice the weights' memory.
 
@@ -19,7 +19,7 @@ use candle_core::quantized::k_quants::{
 };
 use candle_core::quantized::{GgmlDType, QuantizedType};
 
-use super::kernels::{self, Format};
+use crate::student::kernels::{self, Format};
 
 /// A `rows x cols` matrix kept in its GGUF block format.
 pub struct QuantMatrix {

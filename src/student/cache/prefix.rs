@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::model::KvCache;
+use super::kv::KvCache;
 use crate::admission::Admission;
 
 /// Caches kept at most; the oldest goes first.
@@ -133,7 +133,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 mod tests {
     use super::*;
     use crate::admission::ModelFacts;
-    use crate::student::gguf::Architecture;
+    use crate::student::model::Architecture;
     use crate::student::model::ModelShape;
 
     fn shape() -> ModelShape {
@@ -154,7 +154,7 @@ mod tests {
 
     /// A cache that claims to hold `n` tokens (contents do not matter here).
     fn filled(n: usize) -> KvCache {
-        let mut c = KvCache::new(&shape());
+        let mut c = shape().empty_cache();
         c.resize(n + 10, false);
         c.set_len_for_tests(n);
         c

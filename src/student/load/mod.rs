@@ -1,17 +1,29 @@
-//! Everything loaded for the student — transformer, tokenizer, chat template, end-of-turn
-//! tokens — read from one GGUF after checking that it fits the memory budget.
+//! Loading the student: everything it needs — transformer, tokenizer, chat template,
+//! end-of-turn tokens — read from one GGUF after checking that it fits the memory budget.
+//!
+//! - [`fetch`]: where the file is (a path, or a Hugging Face reference fetched once);
+//! - [`gguf`]: the file's header and metadata;
+//! - [`footprint`]: what the model will cost in memory, before any weight is read;
+//! - [`tensors`]: the model's shape and weights;
+//! - [`vocabulary`]: the tokenizer.
+
+pub mod fetch;
+pub mod footprint;
+pub mod gguf;
+pub mod tensors;
+pub mod vocabulary;
 
 use std::collections::HashSet;
 
-use super::footprint::Footprint;
-use super::gguf::{self, GgufHeader};
-use super::model::{ModelShape, Transformer};
-use super::source;
-use super::template::ChatTemplate;
-use super::tokenizer::StudentTokenizer;
+use footprint::Footprint;
+use gguf::GgufHeader;
+
 use crate::backend::ChatMessage;
 use crate::config::StudentConfig;
 use crate::error::DuetError;
+use crate::student::model::{MAX_PREFILL_ROWS, Transformer};
+use crate::student::text::template::ChatTemplate;
+use crate::student::text::tokenizer::StudentTokenizer;
 
 /// Used when a GGUF carries no chat template: ChatML, what most small chat models use.
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -31,13 +43,14 @@ impl LoadedModel {
     /// Reads the model named by `config.model` (fetching it first if it is a hub
     /// reference), refusing it before any weight is read if it cannot fit `budget`.
     pub fn load(config: &StudentConfig, budget: u64) -> Result<Self, DuetError> {
-        let path = source::resolve(&config.model)?;
+        let path = fetch::resolve(&config.model)?;
         let mut header = GgufHeader::read(&path)?;
-        let shape = ModelShape::from_header(&header)?;
+        let shape = tensors::read_shape(&header)?;
         let context = config.context_length.min(shape.trained_context);
-        let footprint = Footprint::estimate(&header, &shape, context, config.parallel);
+        let footprint =
+            Footprint::estimate(&header, &shape, context, MAX_PREFILL_ROWS, config.parallel);
         footprint.check(budget)?;
-        let tokenizer = StudentTokenizer::load(&path, &header)?;
+        let tokenizer = vocabulary::load_tokenizer(&path, &header)?;
         // The parsed vocabulary and merges are hundreds of thousands of small strings the
         // tokenizer now holds its own copy of: free them before the weights arrive.
         header.drop_tokenizer_metadata();
@@ -67,7 +80,7 @@ impl LoadedModel {
         {
             end_tokens.insert(id);
         }
-        let model = Transformer::load(&path, &header, shape, context)?;
+        let model = tensors::read_transformer(&path, &header, shape, context)?;
         Ok(Self {
             model,
             tokenizer,

@@ -3,11 +3,10 @@
 //! vocabulary, the runtime around them, the activation buffers of the largest forward pass,
 //! and key/value cache bytes per token.
 
-use super::engine::PREFILL_CHUNK;
 use super::gguf::{self, GgufHeader};
-use super::model::ModelShape;
 use crate::error::DuetError;
 use crate::memory::human;
+use crate::student::model::ModelShape;
 
 /// Bytes per vocabulary entry or merge rule once the tokenizer is built (measured on
 /// SmolLM2's and Qwen2.5's byte-level BPE: 120-150).
@@ -30,11 +29,13 @@ pub struct Footprint {
 impl Footprint {
     /// Estimates the footprint of the model whose header is `header` and shape `shape`,
     /// serving sequences of up to `context_length` tokens (already capped at what the model
-    /// was trained for), `parallel` at a time.
+    /// was trained for), `parallel` at a time, with passes that read up to `prefill_rows`
+    /// prompt tokens.
     pub fn estimate(
         header: &GgufHeader,
         shape: &ModelShape,
         context_length: usize,
+        prefill_rows: usize,
         parallel: usize,
     ) -> Self {
         let count = |key| {
@@ -47,7 +48,7 @@ impl Footprint {
             weight_bytes: header.tensor_bytes(),
             tokenizer_bytes: entries * TOKENIZER_BYTES_PER_ENTRY,
             runtime_bytes: RUNTIME_BYTES,
-            activation_bytes: shape.activation_bytes(PREFILL_CHUNK + parallel, parallel) as u64,
+            activation_bytes: shape.activation_bytes(prefill_rows + parallel, parallel) as u64,
             kv_bytes_per_token: shape.kv_bytes_per_token() as u64,
             context_length: context_length as u64,
         }

@@ -12,8 +12,6 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 
-use super::model::ModelShape;
-
 pub struct KvCache {
     /// Per layer: (keys, values), each `capacity * row` values.
     layers: Vec<(Vec<f16>, Vec<f16>)>,
@@ -25,11 +23,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(shape: &ModelShape) -> Self {
+    /// An empty cache for `layer_count` layers of `row` floats per position (key/value heads
+    /// times head size); nothing is allocated until [`resize`](Self::resize).
+    pub fn new(layer_count: usize, row: usize) -> Self {
         Self {
             layers: Vec::new(),
-            layer_count: shape.layers,
-            row: shape.kv_heads * shape.head_dim,
+            layer_count,
+            row,
             len: 0,
             capacity: 0,
         }
@@ -113,24 +113,11 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::student::gguf::Architecture;
 
     #[test]
     fn growing_keeps_what_is_held_and_truncating_forgets_the_rest() {
-        let shape = ModelShape {
-            architecture: Architecture::Llama,
-            layers: 2,
-            hidden: 8,
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 2,
-            ffn: 16,
-            vocab: 16,
-            trained_context: 64,
-            rms_eps: 1e-5,
-            rope_theta: 10_000.0,
-        };
-        let mut c = KvCache::new(&shape);
+        // 2 layers, one key/value head of 2 values per position.
+        let mut c = KvCache::new(2, 2);
         c.resize(2, false);
         c.write(1, 0, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
         c.advance(2);

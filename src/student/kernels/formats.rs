@@ -1,0 +1,153 @@
+//! The GGUF block formats duet's kernels read, one type each (as candle's `k_quants` does):
+//! the block's layout as a `#[repr(C)]` struct whose size is checked at compile time, and
+//! the constants the kernels need. Every size a kernel uses comes from here.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+/// A block format with a kernel, chosen at run time from a tensor's dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Q4_1,
+    Q5_0,
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+/// What a kernel needs to know about a block format, at compile time.
+pub trait BlockFormat {
+    const FORMAT: Format;
+    /// Weights per block.
+    const VALUES: usize;
+    /// Bytes per block.
+    const BYTES: usize;
+    /// What is subtracted from each stored unsigned value; the minimums of Q4_1 and Q4_K
+    /// are floats, applied apart ([`HAS_MINIMUM`](Self::HAS_MINIMUM)).
+    const OFFSET: i32;
+    const HAS_MINIMUM: bool;
+    /// Bytes per 64 weights (K-quants: on average over a super-block).
+    const PAIR_BYTES: usize = Self::BYTES * 64 / Self::VALUES;
+}
+
+/// 32 weights: 4-bit values, an f16 scale and an f16 minimum: `w = d * q + m`.
+#[repr(C)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; 16],
+}
+
+/// 32 weights: 4-bit values with a fifth bit packed apart, one f16 scale: `w = d * (q - 16)`.
+#[repr(C)]
+pub struct BlockQ5_0 {
+    pub d: f16,
+    pub qh: [u8; 4],
+    pub qs: [u8; 16],
+}
+
+/// 32 weights: signed bytes and one f16 scale: `w = d * q`.
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; 32],
+}
+
+/// A super-block of 256: 4-bit values, and per 32 a 6-bit scale and minimum under f16
+/// super-scales: `w = d * sc * q - dmin * m`.
+#[repr(C)]
+pub struct BlockQ4K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    pub qs: [u8; 128],
+}
+
+/// A super-block of 256: 6-bit values split in 4 + 2 bits, a signed 8-bit scale per 16
+/// under an f16 super-scale: `w = d * sc * (q - 32)`.
+#[repr(C)]
+pub struct BlockQ6K {
+    pub ql: [u8; 128],
+    pub qh: [u8; 64],
+    pub scales: [i8; 16],
+    pub d: f16,
+}
+
+macro_rules! block_format {
+    ($block:ty, $format:ident, values: $values:literal, bytes: $bytes:literal, offset: $offset:literal, minimum: $minimum:literal) => {
+        // The layout GGUF files use: a mismatch would read every weight wrong.
+        const _: () = assert!(std::mem::size_of::<$block>() == $bytes);
+        impl BlockFormat for $block {
+            const FORMAT: Format = Format::$format;
+            const VALUES: usize = $values;
+            const BYTES: usize = $bytes;
+            const OFFSET: i32 = $offset;
+            const HAS_MINIMUM: bool = $minimum;
+        }
+    };
+}
+
+block_format!(BlockQ4_1, Q4_1, values: 32, bytes: 20, offset: 0, minimum: true);
+block_format!(BlockQ5_0, Q5_0, values: 32, bytes: 22, offset: 16, minimum: false);
+block_format!(BlockQ8_0, Q8_0, values: 32, bytes: 34, offset: 128, minimum: false);
+block_format!(BlockQ4K, Q4K, values: 256, bytes: 144, offset: 0, minimum: true);
+block_format!(BlockQ6K, Q6K, values: 256, bytes: 210, offset: 32, minimum: false);
+
+/// Runs `$body` with `$B` bound to the block type of the [`Format`] `$format`.
+macro_rules! with_block {
+    ($format:expr, $B:ident => $body:expr) => {
+        match $format {
+            $crate::student::kernels::formats::Format::Q4_1 => {
+                type $B = $crate::student::kernels::formats::BlockQ4_1;
+                $body
+            }
+            $crate::student::kernels::formats::Format::Q5_0 => {
+                type $B = $crate::student::kernels::formats::BlockQ5_0;
+                $body
+            }
+            $crate::student::kernels::formats::Format::Q8_0 => {
+                type $B = $crate::student::kernels::formats::BlockQ8_0;
+                $body
+            }
+            $crate::student::kernels::formats::Format::Q4K => {
+                type $B = $crate::student::kernels::formats::BlockQ4K;
+                $body
+            }
+            $crate::student::kernels::formats::Format::Q6K => {
+                type $B = $crate::student::kernels::formats::BlockQ6K;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_block;
+
+impl Format {
+    /// The format of a GGUF dtype, when duet has a kernel for it and this CPU can run it.
+    pub fn for_dtype(dtype: GgmlDType) -> Option<Self> {
+        let format = match dtype {
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q6K => Self::Q6K,
+            _ => return None,
+        };
+        super::cpu_supported().then_some(format)
+    }
+
+    /// Weights per stored block.
+    pub fn block_values(self) -> usize {
+        with_block!(self, B => B::VALUES)
+    }
+
+    /// Bytes per stored block.
+    pub fn block_bytes(self) -> usize {
+        with_block!(self, B => B::BYTES)
+    }
+
+    /// See [`BlockFormat::OFFSET`].
+    pub fn offset(self) -> i32 {
+        with_block!(self, B => B::OFFSET)
+    }
+}
