@@ -7,6 +7,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod llamacpp;
 pub mod memory;
 pub mod openai;
 pub mod rate_limit;
@@ -95,6 +96,7 @@ pub fn start_with(
         max_body_bytes: config.server.max_body_bytes,
         read_timeout: std::time::Duration::from_millis(config.server.read_timeout_ms),
         input_limits: config.limits.clone(),
+        student_config: config.student.clone(),
         client_keys,
         shutdown,
     });

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::{post, spawn_with};
 use duet::backend::{
-    ChatBackend, FinishReason, GenEvent, Generation, GenerationRequest, StudentStatus, Usage,
+    ChatBackend, FinishReason, GenEvent, Generation, GenerationRequest, Prompt, PromptRead,
+    StudentStatus, Usage,
 };
 use duet::config::{Config, Mode};
 use duet::error::DuetError;
@@ -57,7 +58,11 @@ impl ChatBackend for Echo {
         &self,
         request: GenerationRequest,
     ) -> BoxFuture<'static, Result<Generation, DuetError>> {
-        let text = request.messages.last().map(|m| m.content.clone());
+        let text = match &request.prompt {
+            Prompt::Chat(messages) => messages.last().map(|m| m.content.clone()),
+            Prompt::Text(text) => Some(text.clone()),
+            _ => None,
+        };
         let text = text.unwrap_or_default();
         if self.refuse {
             let e = DuetError::Overloaded("the fake's queue is full".into());
@@ -81,7 +86,11 @@ impl ChatBackend for Echo {
         std::thread::spawn(move || {
             for word in &words {
                 std::thread::sleep(delay);
-                if tx.blocking_send(GenEvent::Text(word.clone())).is_err() {
+                let text = GenEvent::Text {
+                    text: word.clone(),
+                    logprobs: vec![],
+                };
+                if tx.blocking_send(text).is_err() {
                     cancelled.fetch_add(1, Ordering::SeqCst);
                     return;
                 }
@@ -99,7 +108,10 @@ impl ChatBackend for Echo {
         });
         Box::pin(async move {
             Ok(Generation {
-                prompt_tokens,
+                prompt: PromptRead {
+                    tokens: prompt_tokens,
+                    truncated: false,
+                },
                 events: rx,
             })
         })

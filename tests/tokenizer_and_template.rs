@@ -4,7 +4,7 @@
 mod common;
 
 use common::{QWEN, SMOLLM2, model_path};
-use duet::backend::ChatMessage;
+use duet::backend::{ChatMessage, Prompt};
 use duet::student::load::LoadedModel;
 use duet::student::load::gguf::GgufHeader;
 use duet::student::load::vocabulary::load_tokenizer;
@@ -156,10 +156,10 @@ fn qwen_prompt_token_count_matches_llama_cpp() {
     let mut config = common::config_for(QWEN);
     config.student.context_length = 64;
     let model = LoadedModel::load(&config.student, u64::MAX).unwrap();
-    let ids = model
-        .prompt_tokens(&[msg("user", "What is the capital of France?")])
-        .unwrap();
+    let conversation = Prompt::Chat(vec![msg("user", "What is the capital of France?")]);
+    let (ids, truncated) = model.prompt_tokens(&conversation, 64).unwrap();
     assert_eq!(ids.len(), 36);
+    assert!(!truncated);
     let im_end = model.tokenizer.special_id("<|im_end|>").unwrap();
     assert!(
         model.end_tokens.contains(&im_end),

@@ -19,22 +19,134 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// A chat request after validation: everything a backend needs and nothing of the wire.
+/// What the model reads before it generates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// A conversation, rendered through the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Text read as it is; special tokens written in it (FIM markers, `<|im_start|>`)
+    /// become single tokens.
+    Text(String),
+    /// Token ids, as a client sent them.
+    Tokens(Vec<u32>),
+    /// Fill-in-the-middle: the model's own FIM tokens around the code before and after the
+    /// cursor, other files first.
+    Infill(Infill),
+}
+
+/// The pieces of a fill-in-the-middle prompt (llama.cpp's `/infill`, or `suffix`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Infill {
+    /// Code before the cursor.
+    pub prefix: String,
+    /// Code after the cursor.
+    pub suffix: String,
+    /// Text the completion must start with (llama.cpp's `prompt`: the line typed so far).
+    pub prompt: String,
+    /// Other files for context, laid out repo-style when the model has the tokens for it.
+    pub extra: Vec<ExtraFile>,
+    /// Columns of indentation a generated line needs to still belong to the middle
+    /// (llama.cpp's `n_indent`); the cursor line's indentation when absent.
+    pub indent: Option<usize>,
+}
+
+/// A file given as context to a fill-in-the-middle completion.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExtraFile {
+    pub filename: String,
+    pub text: String,
+}
+
+impl Prompt {
+    /// Bytes of text in the prompt (what admission charges before it is tokenized).
+    pub fn text_bytes(&self) -> u64 {
+        let bytes = match self {
+            Self::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
+            Self::Text(text) => text.len(),
+            Self::Tokens(ids) => ids.len(),
+            Self::Infill(infill) => {
+                infill.prefix.len()
+                    + infill.suffix.len()
+                    + infill.prompt.len()
+                    + infill
+                        .extra
+                        .iter()
+                        .map(|f| f.filename.len() + f.text.len())
+                        .sum::<usize>()
+            }
+        };
+        bytes as u64
+    }
+
+    /// Pieces the template or the FIM layout adds tokens around (messages, files).
+    pub fn pieces(&self) -> u64 {
+        match self {
+            Self::Chat(messages) => messages.len() as u64,
+            Self::Text(_) | Self::Tokens(_) => 1,
+            Self::Infill(infill) => 1 + infill.extra.len() as u64,
+        }
+    }
+}
+
+/// A request after validation: everything a backend needs and nothing of the wire.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
-    pub messages: Vec<ChatMessage>,
+    pub prompt: Prompt,
     pub sampling: SamplingParams,
-    /// The client's cap on generated tokens, if it gave one.
+    /// The client's cap on generated tokens, if it gave one (0: read the prompt only,
+    /// keeping it in the prompt cache, as an IDE's warm-up call does).
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
     /// How long the model stays loaded after this request (`keep_alive`, as in Ollama).
     pub keep_alive: Option<KeepAlive>,
+    /// Report each generated token's log probability and this many likeliest alternatives.
+    pub logprobs: Option<usize>,
+    /// Send the prompt's text back before the completion (legacy completions' `echo`).
+    pub echo: bool,
+    /// Stop generating this long after the first token (llama.cpp's `t_max_predict_ms`).
+    pub time_limit: Option<std::time::Duration>,
+}
+
+impl GenerationRequest {
+    /// A request for `prompt` with default sampling and nothing else set.
+    pub fn new(prompt: Prompt) -> Self {
+        Self {
+            prompt,
+            sampling: SamplingParams::default(),
+            max_tokens: None,
+            stop: vec![],
+            keep_alive: None,
+            logprobs: None,
+            echo: false,
+            time_limit: None,
+        }
+    }
+}
+
+/// A generated token's log probability, and the likeliest alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: TokenText,
+    pub logprob: f32,
+    pub top: Vec<(TokenText, f32)>,
+}
+
+/// A token as clients see it in logprobs: its text (lossy where it is part of a character)
+/// and its raw bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenText {
+    pub text: String,
+    pub bytes: Vec<u8>,
 }
 
 /// What a running generation reports, in order: text pieces, then one `Done` or `Error`.
 #[derive(Debug)]
 pub enum GenEvent {
-    Text(String),
+    /// New text, and (when asked for) the log probabilities of the tokens it came from.
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done {
         finish_reason: FinishReason,
         usage: Usage,
@@ -42,10 +154,18 @@ pub enum GenEvent {
     Error(DuetError),
 }
 
+/// What a backend read of the prompt before it started generating.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PromptRead {
+    pub tokens: u32,
+    /// Whether the prompt was cut to fit the context (fill-in-the-middle only).
+    pub truncated: bool,
+}
+
 /// A generation that has started: its prompt is processed and events are flowing.
 /// Dropping `events` cancels it at the next token.
 pub struct Generation {
-    pub prompt_tokens: u32,
+    pub prompt: PromptRead,
     pub events: mpsc::Receiver<GenEvent>,
 }
 
@@ -74,6 +194,8 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub seed: Option<u64>,
+    /// Added to the logits of these tokens before sampling (-100 bans, 100 forces).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -85,6 +207,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: vec![],
         }
     }
 }

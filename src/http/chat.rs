@@ -1,187 +1,170 @@
-//! `POST /v1/chat/completions`: check and parse the body, apply the rate limits, route to
-//! the student or the teacher (falling back before the first byte when the plan allows),
-//! and tag the answer with the backend that produced it.
+//! The student's answer to `POST /v1/chat/completions`: the request validated into a
+//! conversation, generated, and shaped as OpenAI's `chat.completion` (one JSON body) or its
+//! `chat.completion.chunk` stream (role delta, content deltas, finish chunk, usage chunk when
+//! asked for, `[DONE]`), log probabilities included when asked for.
 
-use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
-use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use std::sync::Arc;
+
+use actix_web::HttpResponse;
+use actix_web::web::Bytes;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use super::completion::{CompletionMeta, TokenMeter, stream_response, whole_response};
-use super::shutdown::until_shutdown;
-use super::{AppState, auth, read_body, unix_now};
+use super::render::{Finished, Shape, TokenMeter, stream_response, whole_response};
+use super::{AppState, unix_now};
+use crate::backend::{FinishReason, TokenLogprob, TokenText, Usage};
 use crate::error::DuetError;
-use crate::openai::types::ChatCompletionRequest;
+use crate::openai::sse;
+use crate::openai::types::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+    ChunkChoice, Delta,
+};
 use crate::openai::validate::validate;
-use crate::rate_limit::ClientId;
-use crate::router::Route;
-use crate::teacher::TeacherReply;
 
-/// Names the backend that answered, on every response.
-const BACKEND_HEADER: &str = "x-duet-backend";
-
-pub async fn completions(
-    state: web::Data<AppState>,
-    http: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, DuetError> {
-    let client = ClientId::of(
-        auth::bearer_token(http.headers()),
-        http.peer_addr().map(|a| a.ip()),
-    );
-    let rate_headers = state.rate_limits.check(client)?;
-    if let Some(content_type) = http.headers().get(CONTENT_TYPE) {
-        let content_type = content_type.to_str().unwrap_or("").to_ascii_lowercase();
-        if !content_type.starts_with("application/json") {
-            return Err(DuetError::UnsupportedMediaType(format!(
-                "the body must be JSON sent as `Content-Type: application/json`, not `{content_type}`"
-            )));
-        }
-    }
-    let body = read_body(payload, state.max_body_bytes, state.read_timeout).await?;
-    if std::str::from_utf8(&body).is_err() {
-        return Err(DuetError::invalid(
-            "body",
-            "the request body is not valid UTF-8",
-        ));
-    }
-    let request: Value = serde_json::from_slice(&body).map_err(|e| DuetError::InvalidRequest {
-        message: format!("the request body is not valid JSON: {e}"),
-        param: None,
-    })?;
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| DuetError::invalid("model", "`model` must be a string naming a model"))?;
-    let plan = state
-        .router
-        .plan(model)
-        .ok_or_else(|| DuetError::ModelNotFound(model.to_string()))?;
-    let meter = |route: &Route| token_meter(&state, client, route.name());
-    let first = &plan.first;
-    let (route, result) = match answer(&state, first, &request, meter(first)).await {
-        Err(e) if e.allows_fallback() && plan.fallback.is_some() => {
-            let fallback = plan.fallback.as_ref().expect("checked above");
-            tracing::info!(reason = %e, to = fallback.name(), "falling back");
-            state
-                .metrics
-                .fallbacks
-                .with_label_values(&[first.name(), fallback.name()])
-                .inc();
-            (
-                fallback,
-                answer(&state, fallback, &request, meter(fallback)).await,
-            )
-        }
-        result => (first, result),
-    };
-    let mut response = with_backend(result.unwrap_or_else(|e| e.error_response()), route);
-    let status = response.status();
-    state
-        .metrics
-        .requests
-        .with_label_values(&[route.name(), status.as_str()])
-        .inc();
-    for (name, value) in rate_headers {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            response
-                .headers_mut()
-                .insert(HeaderName::from_static(name), value);
-        }
-    }
-    Ok(response)
-}
-
-/// Charges a completion's tokens to its client's token limits and to the metrics.
-fn token_meter(state: &web::Data<AppState>, client: ClientId, backend: &'static str) -> TokenMeter {
-    let state = state.clone();
-    Box::new(move |generated| {
-        state.rate_limits.charge_tokens(client, generated);
-        state
-            .metrics
-            .generated_tokens
-            .with_label_values(&[backend])
-            .inc_by(u64::from(generated));
-    })
-}
-
-/// Asks one backend; an error here means nothing was sent to the client yet.
-async fn answer(
+/// Validates a chat request, runs it on the student and renders the answer.
+pub async fn student_answer(
     state: &AppState,
-    route: &Route,
     request: &Value,
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
-    let response =
-        match route {
-            Route::Student => {
-                let student = state
-                    .student
-                    .as_ref()
-                    .ok_or_else(|| DuetError::Internal("no student in teacher mode".into()))?;
-                let wire: ChatCompletionRequest = ChatCompletionRequest::deserialize(request)
-                    .map_err(|e| DuetError::InvalidRequest {
-                        message: format!(
-                            "the request body is not a valid chat completion request: {e}"
-                        ),
-                        param: None,
-                    })?;
-                let request = validate(wire, &state.input_limits)?;
-                let generation = student.generate(request.generation).await?;
-                let meta = CompletionMeta {
-                    id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-                    created: unix_now(),
-                    model: request.model,
-                };
-                if request.stream {
-                    stream_response(
-                        generation,
-                        meta,
-                        request.include_usage,
-                        meter,
-                        state.shutdown.clone(),
-                    )
-                } else {
-                    whole_response(generation, meta, meter).await?
-                }
-            }
-            Route::Teacher { upstream_model } => {
-                let teacher = state
-                    .teacher
-                    .as_ref()
-                    .ok_or_else(|| DuetError::Internal("no teacher in student mode".into()))?;
-                let mut upstream = request.clone();
-                upstream["model"] = Value::String(upstream_model.clone());
-                match teacher.forward(&upstream).await? {
-                    TeacherReply::Body { status, body } => {
-                        meter(completion_tokens_in(&body));
-                        HttpResponse::build(status)
-                            .insert_header((CONTENT_TYPE, "application/json"))
-                            .body(body)
-                    }
-                    TeacherReply::Stream(stream) => HttpResponse::Ok()
-                        .insert_header((CONTENT_TYPE, "text/event-stream"))
-                        .insert_header((CACHE_CONTROL, "no-cache"))
-                        .streaming(until_shutdown(stream.into_body(), state.shutdown.clone())),
-                }
-            }
+    let student = state
+        .student
+        .as_ref()
+        .ok_or_else(|| DuetError::Internal("no student in teacher mode".into()))?;
+    let wire =
+        ChatCompletionRequest::deserialize(request).map_err(|e| DuetError::InvalidRequest {
+            message: format!("the request body is not a valid chat completion request: {e}"),
+            param: None,
+        })?;
+    let request = validate(wire, &state.input_limits)?;
+    let logprobs = request.generation.logprobs.is_some();
+    let generation = student.generate(request.generation).await?;
+    let shape = Arc::new(ChatShape {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: unix_now(),
+        model: request.model,
+        include_usage: request.include_usage,
+        logprobs,
+    });
+    Ok(if request.stream {
+        stream_response(vec![generation], shape, meter, state.shutdown.clone())
+    } else {
+        whole_response(vec![generation], shape, meter).await?
+    })
+}
+
+/// Fields shared by every chunk of one chat completion.
+struct ChatShape {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+impl ChatShape {
+    /// A chunk carrying one choice's delta; `usage: null` on it when usage was asked for.
+    fn chunk(
+        &self,
+        index: u32,
+        delta: Delta<'_>,
+        finish_reason: Option<FinishReason>,
+        logprobs: Option<Value>,
+    ) -> Bytes {
+        let choice = ChunkChoice {
+            index,
+            delta,
+            finish_reason,
+            logprobs,
         };
-    Ok(response)
+        self.event(vec![choice], self.include_usage.then_some(None))
+    }
+
+    fn event(&self, choices: Vec<ChunkChoice<'_>>, usage: Option<Option<Usage>>) -> Bytes {
+        sse::event(&ChatCompletionChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: None,
+            choices,
+            usage,
+        })
+    }
+
+    /// OpenAI's chat `logprobs` object for these tokens, when they were asked for.
+    fn logprobs(&self, tokens: &[TokenLogprob]) -> Option<Value> {
+        self.logprobs.then(|| {
+            let entry = |t: &TokenText, logprob: f32| {
+                json!({"token": t.text, "logprob": logprob, "bytes": t.bytes})
+            };
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut e = entry(&t.token, t.logprob);
+                    e["top_logprobs"] = t.top.iter().map(|(a, lp)| entry(a, *lp)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        })
+    }
 }
 
-/// Every response names the backend that produced it.
-fn with_backend(mut response: HttpResponse, route: &Route) -> HttpResponse {
-    response.headers_mut().insert(
-        HeaderName::from_static(BACKEND_HEADER),
-        HeaderValue::from_static(route.name()),
-    );
-    response
-}
+impl Shape for ChatShape {
+    fn whole(&self, choices: Vec<Finished>, usage: Usage) -> Value {
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, f)| Choice {
+                index: index as u32,
+                logprobs: self.logprobs(&f.logprobs),
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: f.text,
+                    refusal: None,
+                },
+                finish_reason: f.finish_reason.unwrap_or(FinishReason::Stop),
+            })
+            .collect();
+        serde_json::to_value(ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage,
+        })
+        .expect("wire types always serialize")
+    }
 
-/// `usage.completion_tokens` of a teacher's JSON answer (0 when absent).
-fn completion_tokens_in(body: &[u8]) -> u32 {
-    serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v["usage"]["completion_tokens"].as_u64())
-        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+    fn opening(&self, index: u32) -> Option<Bytes> {
+        let role = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        Some(self.chunk(index, role, None, None))
+    }
+
+    fn piece(&self, index: u32, text: &str, logprobs: &[TokenLogprob]) -> Bytes {
+        let delta = Delta {
+            role: None,
+            content: Some(text),
+        };
+        self.chunk(index, delta, None, self.logprobs(logprobs))
+    }
+
+    fn finished(&self, index: u32, reason: FinishReason, _usage: &Usage) -> Bytes {
+        self.chunk(index, Delta::default(), Some(reason), None)
+    }
+
+    fn closing(&self, usage: Usage) -> Vec<Bytes> {
+        let mut events = Vec::with_capacity(2);
+        if self.include_usage {
+            events.push(self.event(vec![], Some(Some(usage))));
+        }
+        events.push(Bytes::from_static(sse::DONE));
+        events
+    }
 }

@@ -3,10 +3,13 @@
 
 pub mod auth;
 pub mod chat;
-pub mod completion;
+pub mod completions;
+pub mod dispatch;
 pub mod health;
+pub mod llamacpp;
 pub mod metrics;
 pub mod models;
+pub mod render;
 pub mod shutdown;
 
 use std::sync::Arc;
@@ -43,6 +46,8 @@ pub struct AppState {
     /// Longest wait for the next piece of a request body.
     pub read_timeout: std::time::Duration,
     pub input_limits: crate::config::LimitsConfig,
+    /// The student's settings (what `/props` reports before the model is loaded).
+    pub student_config: crate::config::StudentConfig,
     pub client_keys: Arc<auth::ClientKeys>,
     /// Fires when the shutdown grace period is over.
     pub shutdown: shutdown::ShutdownSignal,
@@ -73,7 +78,22 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/v1/models", web::get().to(models::list))
         .route("/v1/models/{id:.*}", web::get().to(models::get))
-        .route("/v1/chat/completions", web::post().to(chat::completions))
+        .route(
+            "/v1/chat/completions",
+            web::post().to(dispatch::chat_completions),
+        )
+        .route(
+            "/chat/completions",
+            web::post().to(dispatch::chat_completions),
+        )
+        .route(
+            "/v1/completions",
+            web::post().to(dispatch::text_completions),
+        )
+        .route("/completions", web::post().to(dispatch::text_completions))
+        .route("/infill", web::post().to(dispatch::infill))
+        .route("/completion", web::post().to(dispatch::llama_completion))
+        .route("/props", web::get().to(llamacpp::props))
         .default_service(web::to(not_found));
 }
 

@@ -18,11 +18,14 @@ pub struct ChatCompletionRequest {
     pub stop: Option<StopField>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<Value>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
     pub n: Option<i64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    /// Fields duet does not interpret itself (tools, response_format, logprobs, user, ...).
+    /// Fields duet does not interpret itself (tools, response_format, user, ...).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

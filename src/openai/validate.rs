@@ -1,11 +1,14 @@
 //! Turning a wire request into a [`GenerationRequest`]: every field checked, every
 //! refusal a 400 that names the field and says why.
 
-use super::types::{ChatCompletionRequest, MessageContent, StopField};
-use crate::backend::{ChatMessage, GenerationRequest, SamplingParams};
+use super::fields::{self, SamplingFields};
+use super::types::{ChatCompletionRequest, MessageContent};
+use crate::backend::{ChatMessage, GenerationRequest, Prompt};
 use crate::config::LimitsConfig;
 use crate::error::DuetError;
-use crate::memory::KeepAlive;
+
+/// Stop sequences a chat request may give: OpenAI's limit.
+const MOST_STOP_SEQUENCES: usize = 4;
 
 /// A validated request plus what the HTTP edge itself needs.
 #[derive(Debug)]
@@ -23,7 +26,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "functions",
         "function calling is not supported by the local model",
     ),
-    ("logprobs", "logprobs are not supported by the local model"),
     ("audio", "audio output is not supported by the local model"),
 ];
 
@@ -47,12 +49,7 @@ pub fn validate(
             "`messages` must hold at least one message",
         ));
     }
-    for (field, why) in UNSUPPORTED {
-        match req.extra.get(*field) {
-            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
-            Some(_) => return Err(DuetError::unsupported(field, *why)),
-        }
-    }
+    fields::refuse_unsupported(&req.extra, UNSUPPORTED)?;
     if let Some(format) = req.extra.get("response_format") {
         let kind = format.get("type").and_then(|t| t.as_str()).unwrap_or("");
         if kind != "text" {
@@ -110,109 +107,54 @@ pub fn validate(
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let temperature = in_range("temperature", req.temperature, 0.0, 2.0)?.unwrap_or(1.0);
-    let top_p = in_range("top_p", req.top_p, 0.0, 1.0)?.unwrap_or(1.0);
-    if top_p == 0.0 {
-        return Err(DuetError::invalid("top_p", "top_p must be greater than 0"));
-    }
-    let presence_penalty =
-        in_range("presence_penalty", req.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
-    let frequency_penalty =
-        in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
-    let top_k = match req.top_k {
-        None | Some(0) | Some(-1) => None, // 0 and -1 mean "off" in llama.cpp and vLLM
-        Some(k) if k > 0 => Some(k as usize),
-        Some(k) => {
-            return Err(DuetError::invalid(
-                "top_k",
-                format!("top_k must be positive (got {k})"),
-            ));
-        }
-    };
-
-    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
-        (Some(n), _) => Some(("max_completion_tokens", n)),
-        (None, Some(n)) => Some(("max_tokens", n)),
-        (None, None) => None,
-    };
-    let max_tokens = match max_tokens {
-        Some((field, n)) if n < 1 => {
-            return Err(DuetError::invalid(
-                field,
-                format!("{field} must be at least 1 (got {n})"),
-            ));
-        }
-        Some((field, n)) if limits.max_tokens > 0 && n as usize > limits.max_tokens => {
-            if !limits.clamp_max_tokens {
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), top) => Some(match top {
+            None => 0,
+            Some(n @ 0..=20) => n as usize,
+            Some(n) => {
                 return Err(DuetError::invalid(
-                    field,
-                    format!(
-                        "{field} {n} is over the limit of {} (limits.max_tokens)",
-                        limits.max_tokens
-                    ),
+                    "top_logprobs",
+                    format!("top_logprobs must be between 0 and 20 (got {n})"),
                 ));
             }
-            Some(limits.max_tokens)
+        }),
+        (_, Some(n)) if n > 0 => {
+            return Err(DuetError::invalid(
+                "top_logprobs",
+                "top_logprobs needs `logprobs: true`",
+            ));
         }
-        Some((_, n)) => Some(n as usize),
-        None if limits.max_tokens > 0 => Some(limits.max_tokens),
-        None => None,
+        _ => None,
     };
-
-    let stop = match req.stop {
-        None => vec![],
-        Some(StopField::One(s)) => vec![s],
-        Some(StopField::Many(v)) => v,
+    let sampling = fields::sampling(SamplingFields {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        seed: req.seed,
+        logit_bias: req.logit_bias.as_ref(),
+    })?;
+    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(n), _) => fields::max_tokens("max_completion_tokens", Some(n), 1, limits)?,
+        (None, n) => fields::max_tokens("max_tokens", n, 1, limits)?,
     };
-    if stop.len() > 4 {
-        return Err(DuetError::invalid(
-            "stop",
-            format!("at most 4 stop sequences are allowed (got {})", stop.len()),
-        ));
-    }
-    if stop.iter().any(String::is_empty) {
-        return Err(DuetError::invalid(
-            "stop",
-            "stop sequences must not be empty",
-        ));
-    }
-
-    let keep_alive = match req.extra.get("keep_alive") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(v) => {
-            Some(KeepAlive::from_json(v).map_err(|why| DuetError::invalid("keep_alive", why))?)
-        }
-    };
+    let stop = fields::stop(req.stop, MOST_STOP_SEQUENCES)?;
+    let keep_alive = fields::keep_alive(&req.extra)?;
 
     Ok(ValidChatRequest {
         model: req.model,
         stream: req.stream,
         include_usage: req.stream && req.stream_options.is_some_and(|o| o.include_usage),
         generation: GenerationRequest {
-            messages,
-            sampling: SamplingParams {
-                temperature,
-                top_p,
-                top_k,
-                presence_penalty,
-                frequency_penalty,
-                seed: req.seed.map(|s| s as u64),
-            },
+            sampling,
             max_tokens,
             stop,
             keep_alive,
+            logprobs,
+            ..GenerationRequest::new(Prompt::Chat(messages))
         },
     })
-}
-
-fn in_range(field: &str, value: Option<f32>, min: f32, max: f32) -> Result<Option<f32>, DuetError> {
-    match value {
-        Some(v) if !(min..=max).contains(&v) => Err(DuetError::invalid(
-            field,
-            format!("{field} must be between {min} and {max} (got {v})"),
-        )),
-        v => Ok(v),
-    }
 }
 
 #[cfg(test)]
@@ -244,8 +186,11 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
         ]}))
         .unwrap();
-        assert_eq!(r.generation.messages[0].role, "system");
-        assert_eq!(r.generation.messages[1].content, "ab");
+        let Prompt::Chat(messages) = &r.generation.prompt else {
+            panic!("a chat prompt");
+        };
+        assert_eq!(messages[0].role, "system");
+        assert_eq!(messages[1].content, "ab");
     }
 
     #[test]

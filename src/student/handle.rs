@@ -82,13 +82,9 @@ impl ChatBackend for Student {
     ) -> BoxFuture<'static, Result<Generation, DuetError>> {
         // Memory first: the body, and a key/value cache for at most one token per prompt
         // byte (plus the template's) and max_tokens; the engine trims it once tokenized.
-        let text_bytes: u64 = request
-            .messages
-            .iter()
-            .map(|m| m.content.len() as u64)
-            .sum();
+        let text_bytes = request.prompt.text_bytes();
         let max_tokens = request.max_tokens.map_or(self.max_new_tokens, |n| n as u64);
-        let template_tokens = TEMPLATE_TOKENS + TOKENS_PER_MESSAGE * request.messages.len() as u64;
+        let template_tokens = TEMPLATE_TOKENS + TOKENS_PER_MESSAGE * request.prompt.pieces();
         let reservation =
             match self
                 .admission
@@ -127,11 +123,11 @@ impl ChatBackend for Student {
                     return Err(DuetError::Internal("the engine thread has stopped".into()));
                 }
             }
-            let prompt_tokens = started_rx
+            let prompt = started_rx
                 .await
                 .map_err(|_| DuetError::Internal("the engine dropped the request".into()))??;
             Ok(Generation {
-                prompt_tokens,
+                prompt,
                 events: events_rx,
             })
         })

@@ -25,7 +25,8 @@ const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// A configured upstream, shared by all requests (one connection pool).
 pub struct Teacher {
     client: reqwest::Client,
-    completions_url: String,
+    /// The upstream's base URL, without a trailing slash.
+    base_url: String,
     auth: Option<HeaderValue>,
     first_byte_timeout: Duration,
     chunk_timeout: Duration,
@@ -63,7 +64,7 @@ impl Teacher {
         };
         Ok(Self {
             client,
-            completions_url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
+            base_url: config.base_url.trim_end_matches('/').to_string(),
             auth,
             first_byte_timeout: Duration::from_millis(config.first_byte_timeout_ms),
             chunk_timeout: Duration::from_millis(config.chunk_timeout_ms),
@@ -71,15 +72,21 @@ impl Teacher {
         })
     }
 
-    /// Sends a chat request upstream, retrying what may succeed on a second try.
-    pub async fn forward(&self, body: &serde_json::Value) -> Result<TeacherReply, DuetError> {
+    /// Sends a request to the upstream's `path` (`chat/completions`, `completions`),
+    /// retrying what may succeed on a second try.
+    pub async fn forward(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<TeacherReply, DuetError> {
+        let url = format!("{}/{path}", self.base_url);
         let stream = body
             .get("stream")
             .and_then(|s| s.as_bool())
             .unwrap_or(false);
         let mut attempt = 0;
         loop {
-            match self.attempt(body, stream).await {
+            match self.attempt(&url, body, stream).await {
                 Err(e) if e.is_transient_teacher_failure() && attempt < self.retries => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "teacher attempt failed; retrying");
@@ -92,11 +99,12 @@ impl Teacher {
 
     async fn attempt(
         &self,
+        url: &str,
         body: &serde_json::Value,
         stream: bool,
     ) -> Result<TeacherReply, DuetError> {
         let deadline = Instant::now() + self.first_byte_timeout;
-        let mut request = self.client.post(&self.completions_url).json(body);
+        let mut request = self.client.post(url).json(body);
         if let Some(auth) = &self.auth {
             request = request.header(AUTHORIZATION, auth.clone());
         }

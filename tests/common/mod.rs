@@ -68,6 +68,38 @@ pub fn smollm2() -> &'static str {
     URL.get_or_init(|| spawn(config_for(SMOLLM2)))
 }
 
+/// One Qwen2.5-Coder server shared by the tests of a binary.
+pub fn qwen() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| spawn(config_for(QWEN)))
+}
+
+/// `POST {base}{path}` with `body` as JSON.
+pub async fn post_to(base: &str, path: &str, body: impl serde::Serialize) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `data:` payloads of an SSE body, checking the framing of every event on the way.
+pub fn sse_events(body: &str) -> Vec<String> {
+    assert!(
+        body.ends_with("\n\n"),
+        "events end with a blank line: {body:?}"
+    );
+    body.split("\n\n")
+        .filter(|e| !e.is_empty() && !e.starts_with(':'))
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data event: {e:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
 /// The official-SDK-style client pointed at a duet base URL.
 pub fn client(base: &str) -> Client<OpenAIConfig> {
     Client::with_config(

@@ -4,7 +4,7 @@
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admission::QueuedReservation;
-use crate::backend::{GenEvent, GenerationRequest};
+use crate::backend::{GenEvent, GenerationRequest, PromptRead};
 use crate::error::DuetError;
 
 /// A request waiting for the engine, with where its answer goes.
@@ -13,7 +13,7 @@ pub struct Job {
     /// The memory admission granted: the engine claims it when the job starts; a client that
     /// leaves before that gives it back at once.
     pub reservation: QueuedReservation,
-    /// Resolved with the prompt's token count once prefill is done (or with the error).
-    pub started: oneshot::Sender<Result<u32, DuetError>>,
+    /// Resolved with what was read of the prompt once prefill is done (or with the error).
+    pub started: oneshot::Sender<Result<PromptRead, DuetError>>,
     pub events: mpsc::Sender<GenEvent>,
 }

@@ -14,6 +14,7 @@
 //! - [`residency`]: loading on demand and unloading after `keep_alive`.
 
 pub mod job;
+mod logprobs;
 mod residency;
 pub mod sampler;
 pub mod scheduler;

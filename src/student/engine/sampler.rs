@@ -1,5 +1,6 @@
-//! Choosing the next token from logits: OpenAI's presence and frequency penalties,
-//! temperature, top-k and top-p, with a seedable generator so a seed reproduces a text.
+//! Choosing the next token from logits: OpenAI's logit bias, presence and frequency
+//! penalties, temperature, top-k and top-p, with a seedable generator so a seed reproduces a
+//! text.
 
 use std::collections::HashMap;
 
@@ -31,7 +32,17 @@ impl Sampler {
         }
     }
 
-    /// Picks the next token and records it for the penalties.
+    /// Adds the request's `logit_bias` (before log probabilities are read, so a banned
+    /// token reads as impossible there too).
+    pub fn apply_bias(&self, logits: &mut [f32]) {
+        for &(token, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l += bias;
+            }
+        }
+    }
+
+    /// Picks the next token from biased logits and records it for the penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
         let token = if self.params.temperature <= 0.0 {

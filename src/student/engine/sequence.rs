@@ -4,10 +4,16 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use std::time::{Duration, Instant};
+
 use super::job::Job;
+use super::logprobs::LogprobScratch;
 use super::sampler::Sampler;
 use crate::admission::Reservation;
-use crate::backend::{FinishReason, GenEvent, Outcome, Usage};
+use crate::backend::Prompt;
+use crate::backend::{
+    FinishReason, GenEvent, GenerationRequest, Outcome, PromptRead, TokenLogprob, Usage,
+};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
 use crate::student::cache::kv::KvCache;
@@ -15,6 +21,7 @@ use crate::student::cache::prefix::PromptCache;
 use crate::student::load::LoadedModel;
 use crate::student::model::Step;
 use crate::student::text::detokenizer::Detokenizer;
+use crate::student::text::middle::MiddleGuard;
 use crate::student::text::stop::{StopMatcher, StopScan};
 
 /// One request being generated: its tokens, its cache and where its text goes.
@@ -22,6 +29,8 @@ pub struct Sequence {
     /// The prompt, then each generated token once it is to be fed back.
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// Whether the prompt was cut to fit (fill-in-the-middle).
+    truncated: bool,
     /// Leading `tokens` already in `cache` (from the prompt cache or earlier passes).
     in_cache: usize,
     /// Prompt tokens that came from the prompt cache.
@@ -32,15 +41,26 @@ pub struct Sequence {
     sampler: Sampler,
     detokenizer: Detokenizer,
     stops: StopMatcher,
+    /// Ends a fill-in-the-middle completion where the middle ends.
+    middle: Option<MiddleGuard>,
+    /// Alternatives to report per token, when log probabilities were asked for.
+    logprobs: Option<usize>,
+    logprob_scratch: LogprobScratch,
+    /// Log probabilities of tokens whose text has not been sent yet.
+    pending_logprobs: Vec<TokenLogprob>,
+    echo: bool,
+    /// Generation stops this long after the first token, and when that was.
+    time_limit: Option<Duration>,
+    first_token_at: Option<Instant>,
     /// Told the prompt's token count when prefill ends; `None` afterwards.
-    started: Option<oneshot::Sender<Result<u32, DuetError>>>,
+    started: Option<oneshot::Sender<Result<PromptRead, DuetError>>>,
     events: mpsc::Sender<GenEvent>,
     /// Held until the sequence is dropped: its memory stays claimed while it runs.
     _reservation: Reservation,
 }
 
 impl Sequence {
-    /// Tokenizes the job's conversation and prepares its cache, reusing the longest cached
+    /// Tokenizes the job's prompt and prepares its cache, reusing the longest cached
     /// prefix; a request that cannot fit is answered here and ends.
     pub fn start(
         m: &LoadedModel,
@@ -55,7 +75,7 @@ impl Sequence {
             events,
             ..
         } = job;
-        let (prompt, max_tokens) = match prepare(m, config, &request) {
+        let (prompt, truncated, max_tokens) = match prepare(m, config, &request) {
             Ok(p) => p,
             Err(e) => {
                 let _ = started.send(Err(e));
@@ -81,6 +101,7 @@ impl Sequence {
         Ok(Self {
             prompt_len: prompt.len(),
             tokens: prompt,
+            truncated,
             in_cache: reused,
             reused,
             cache,
@@ -89,6 +110,20 @@ impl Sequence {
             sampler: Sampler::new(request.sampling.clone()),
             detokenizer: Detokenizer::default(),
             stops: StopMatcher::new(request.stop.clone()),
+            middle: match &request.prompt {
+                Prompt::Infill(infill) => Some(MiddleGuard::new(
+                    &format!("{}{}", infill.prefix, infill.prompt),
+                    &infill.suffix,
+                    infill.indent,
+                )),
+                _ => None,
+            },
+            logprobs: request.logprobs,
+            logprob_scratch: LogprobScratch::default(),
+            pending_logprobs: Vec::new(),
+            echo: request.echo,
+            time_limit: request.time_limit,
+            first_token_at: None,
             started: Some(started),
             events,
             _reservation: reservation,
@@ -125,24 +160,60 @@ impl Sequence {
         if self.in_cache < self.tokens.len() {
             return None;
         }
-        if let Some(started) = self.started.take()
-            && started.send(Ok(self.prompt_len as u32)).is_err()
-        {
-            return Some(Outcome::Cancelled);
+        if let Some(started) = self.started.take() {
+            let read = PromptRead {
+                tokens: self.prompt_len as u32,
+                truncated: self.truncated,
+            };
+            if started.send(Ok(read)).is_err() {
+                return Some(Outcome::Cancelled);
+            }
+            if self.echo {
+                let text: Vec<u8> = self.tokens[..self.prompt_len]
+                    .iter()
+                    .flat_map(|&t| m.tokenizer.bytes(t).iter().copied())
+                    .collect();
+                if !self.send(String::from_utf8_lossy(&text).into_owned()) {
+                    return Some(Outcome::Cancelled);
+                }
+            }
+            if self.max_tokens == 0 {
+                // Read the prompt only (kept in the prompt cache): an IDE's warm-up call.
+                return Some(self.finish(FinishReason::Length, false));
+            }
+        }
+        self.sampler.apply_bias(logits);
+        if self.logprobs.is_some() {
+            self.logprob_scratch.keep(logits);
         }
         let token = self.sampler.sample(logits);
         if m.end_tokens.contains(&token) {
             return Some(self.finish(FinishReason::Stop, false));
         }
         self.completion_tokens += 1;
+        let first_token_at = *self.first_token_at.get_or_insert_with(Instant::now);
         if !m.tokenizer.is_special(token) {
-            let (text, stopped) = match self
+            if let Some(alternatives) = self.logprobs {
+                let entry = self
+                    .logprob_scratch
+                    .entry(token, alternatives, &m.tokenizer);
+                self.pending_logprobs.push(entry);
+            }
+            let (mut text, mut stopped) = match self
                 .stops
                 .push(&self.detokenizer.push(m.tokenizer.bytes(token)))
             {
                 StopScan::Emit(t) => (t, false),
                 StopScan::Stopped(t) => (t, true),
             };
+            if let Some(middle) = &mut self.middle {
+                let (kept, ended) = match middle.push(&text) {
+                    StopScan::Emit(t) => (t, false),
+                    StopScan::Stopped(t) => (t, true),
+                };
+                text = kept;
+                stopped |= ended;
+            }
             if !self.send(text) {
                 return Some(Outcome::Cancelled);
             }
@@ -150,7 +221,10 @@ impl Sequence {
                 return Some(self.finish(FinishReason::Stop, true));
             }
         }
-        if self.completion_tokens as usize >= self.max_tokens {
+        let out_of_time = self
+            .time_limit
+            .is_some_and(|limit| first_token_at.elapsed() >= limit);
+        if self.completion_tokens as usize >= self.max_tokens || out_of_time {
             return Some(self.finish(FinishReason::Length, false));
         }
         self.tokens.push(token);
@@ -183,9 +257,18 @@ impl Sequence {
     }
 
     fn finish(&mut self, reason: FinishReason, matched_stop_sequence: bool) -> Outcome {
-        if !matched_stop_sequence {
+        if matched_stop_sequence {
+            // The tokens of the stop sequence are not part of the answer.
+            self.pending_logprobs.clear();
+        } else {
             // Whatever was held back for a possible stop sequence is part of the answer.
-            let rest = self.stops.finish();
+            let mut rest = self.stops.finish();
+            if let Some(middle) = &mut self.middle {
+                rest = match middle.push(&rest) {
+                    StopScan::Emit(t) => t + &middle.finish(),
+                    StopScan::Stopped(t) => t,
+                };
+            }
             if !self.send(rest) {
                 return Outcome::Cancelled;
             }
@@ -204,28 +287,51 @@ impl Sequence {
         Outcome::Completed
     }
 
-    /// A failed send means the receiver is gone: the client disconnected. Sends never wait:
-    /// the channel has room for every event of the request (see `Student::generate`).
-    fn send(&self, text: String) -> bool {
-        text.is_empty() || self.events.try_send(GenEvent::Text(text)).is_ok()
+    /// Sends new text with the log probabilities of the tokens it came from. A failed send
+    /// means the receiver is gone: the client disconnected. Sends never wait: the channel
+    /// has room for every event of the request (see `Student::generate`).
+    fn send(&mut self, text: String) -> bool {
+        if text.is_empty() {
+            return true;
+        }
+        let logprobs = std::mem::take(&mut self.pending_logprobs);
+        self.events
+            .try_send(GenEvent::Text { text, logprobs })
+            .is_ok()
     }
 }
 
-/// The prompt's tokens and how many may be generated, or why the request cannot fit.
+/// The prompt's tokens (and whether they were cut to fit) and how many tokens may be
+/// generated, or why the request cannot fit.
 fn prepare(
     m: &LoadedModel,
     config: &StudentConfig,
-    request: &crate::backend::GenerationRequest,
-) -> Result<(Vec<u32>, usize), DuetError> {
-    let prompt = m.prompt_tokens(&request.messages)?;
+    request: &GenerationRequest,
+) -> Result<(Vec<u32>, bool, usize), DuetError> {
+    let context = m.model.context();
+    let vocab = m.model.shape.vocab;
+    if let Some(&(bad, _)) = request
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|&&(id, _)| id as usize >= vocab)
+    {
+        return Err(DuetError::invalid(
+            "logit_bias",
+            format!("token id {bad} is not in this model's vocabulary of {vocab}"),
+        ));
+    }
+    let wanted = request
+        .max_tokens
+        .unwrap_or(config.max_new_tokens.min(context / 2));
+    let (prompt, truncated) = m.prompt_tokens(&request.prompt, context.saturating_sub(wanted))?;
     if prompt.is_empty() {
         // Possible with a template that adds nothing around empty messages.
-        return Err(DuetError::InvalidRequest {
-            message: "the conversation renders to an empty prompt; send some text".into(),
-            param: Some("messages".into()),
-        });
+        return Err(DuetError::invalid(
+            "messages",
+            "the request renders to an empty prompt; send some text",
+        ));
     }
-    let context = m.model.context();
     let room = context.saturating_sub(prompt.len());
     let max_tokens = match request.max_tokens {
         Some(n) if n > room || room == 0 => {
@@ -245,5 +351,5 @@ fn prepare(
         }
         None => config.max_new_tokens.min(room),
     };
-    Ok((prompt, max_tokens))
+    Ok((prompt, truncated, max_tokens))
 }

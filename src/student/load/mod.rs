@@ -18,10 +18,11 @@ use std::collections::HashSet;
 use footprint::Footprint;
 use gguf::GgufHeader;
 
-use crate::backend::ChatMessage;
+use crate::backend::Prompt;
 use crate::config::StudentConfig;
 use crate::error::DuetError;
 use crate::student::model::{MAX_PREFILL_ROWS, Transformer};
+use crate::student::text::fim::{DeclaredFim, FimTokens};
 use crate::student::text::template::ChatTemplate;
 use crate::student::text::tokenizer::StudentTokenizer;
 
@@ -33,8 +34,11 @@ pub struct LoadedModel {
     pub model: Transformer,
     pub tokenizer: StudentTokenizer,
     pub template: ChatTemplate,
-    /// Tokens that end the assistant's turn (EOS and the template's end-of-turn marker).
+    /// Tokens that end a completion: EOS, end-of-text, the template's end-of-turn marker
+    /// and every FIM token (a fill-in-the-middle completion ends where the middle does).
     pub end_tokens: HashSet<u32>,
+    /// The model's fill-in-the-middle tokens, when it has them.
+    pub fim: Option<FimTokens>,
     /// The estimate made from the header before loading.
     pub footprint: Footprint,
 }
@@ -51,6 +55,13 @@ impl LoadedModel {
             Footprint::estimate(&header, &shape, context, MAX_PREFILL_ROWS, config.parallel);
         footprint.check(budget)?;
         let tokenizer = vocabulary::load_tokenizer(&path, &header)?;
+        let declared = ["pre", "suf", "mid", "pad", "rep", "sep"].map(|name| {
+            gguf::opt_u32(
+                header.metadata(),
+                &format!("tokenizer.ggml.fim_{name}_token_id"),
+            )
+        });
+        let fim = FimTokens::find(DeclaredFim { ids: declared }, &tokenizer);
         // The parsed vocabulary and merges are hundreds of thousands of small strings the
         // tokenizer now holds its own copy of: free them before the weights arrive.
         header.drop_tokenizer_metadata();
@@ -80,18 +91,53 @@ impl LoadedModel {
         {
             end_tokens.insert(id);
         }
+        end_tokens.extend(tokenizer.special_id("<|endoftext|>"));
+        end_tokens.extend(fim.iter().flat_map(FimTokens::all));
         let model = tensors::read_transformer(&path, &header, shape, context)?;
         Ok(Self {
             model,
             tokenizer,
             template,
             end_tokens,
+            fim,
             footprint,
         })
     }
 
-    /// The prompt's token ids for a conversation, as the model's template renders it.
-    pub fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, DuetError> {
-        self.tokenizer.encode(&self.template.render(messages)?)
+    /// The token ids the model reads for `prompt`, in at most `budget` tokens where the
+    /// prompt can be cut to fit (fill-in-the-middle: far from the cursor first); says
+    /// whether it was cut. Other prompts are never cut: the caller refuses one too long.
+    pub fn prompt_tokens(
+        &self,
+        prompt: &Prompt,
+        budget: usize,
+    ) -> Result<(Vec<u32>, bool), DuetError> {
+        let whole = |tokens| Ok((tokens, false));
+        match prompt {
+            Prompt::Chat(messages) => {
+                whole(self.tokenizer.encode(&self.template.render(messages)?)?)
+            }
+            Prompt::Text(text) => whole(self.tokenizer.encode(text)?),
+            Prompt::Tokens(ids) => {
+                let vocab = self.model.shape.vocab;
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(DuetError::invalid(
+                        "prompt",
+                        format!("token id {bad} is not in this model's vocabulary of {vocab}"),
+                    ));
+                }
+                whole(ids.clone())
+            }
+            Prompt::Infill(infill) => {
+                let fim = self.fim.ok_or_else(|| {
+                    DuetError::invalid(
+                        "suffix",
+                        "this model has no fill-in-the-middle tokens, so it cannot complete \
+                         between a prefix and a suffix; use a code model such as Qwen2.5-Coder",
+                    )
+                })?;
+                fim.layout(infill, &self.tokenizer, budget)
+            }
+        }
     }
 }

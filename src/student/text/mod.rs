@@ -4,6 +4,8 @@
 //! they can no longer match.
 
 pub mod detokenizer;
+pub mod fim;
+pub mod middle;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;

@@ -1,0 +1,177 @@
+//! The student's answer to `POST /v1/completions` (OpenAI's legacy completions, what code
+//! completion plugins send): one choice per prompt, shaped as `text_completion` objects, one
+//! JSON body or a stream of chunks (each choice's text, then its `finish_reason` chunk,
+//! the usage chunk when asked for, `[DONE]`), with OpenAI's `logprobs` object when asked for.
+
+use std::sync::{Arc, Mutex};
+
+use actix_web::HttpResponse;
+use actix_web::web::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::render::{Finished, Shape, TokenMeter, stream_response, whole_response};
+use super::{AppState, unix_now};
+use crate::backend::{FinishReason, TokenLogprob, Usage};
+use crate::error::DuetError;
+use crate::openai::completions::{CompletionRequest, validate_completion};
+use crate::openai::sse;
+
+/// Validates a completion request, runs each prompt on the student (all at once, so they
+/// share forward passes) and renders the answer.
+pub async fn student_answer(
+    state: &AppState,
+    request: &Value,
+    meter: TokenMeter,
+) -> Result<HttpResponse, DuetError> {
+    let student = state
+        .student
+        .as_ref()
+        .ok_or_else(|| DuetError::Internal("no student in teacher mode".into()))?;
+    let wire = CompletionRequest::deserialize(request).map_err(|e| DuetError::InvalidRequest {
+        message: format!("the request body is not a valid completion request: {e}"),
+        param: None,
+    })?;
+    let request = validate_completion(wire, &state.input_limits)?;
+    let logprobs = request.generations[0].logprobs.is_some();
+    let choices = request.generations.len();
+    let generations = futures::future::join_all(
+        request
+            .generations
+            .into_iter()
+            .map(|generation| student.generate(generation)),
+    )
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let shape = Arc::new(TextShape {
+        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: unix_now(),
+        model: request.model,
+        include_usage: request.include_usage,
+        logprobs,
+        offsets: Mutex::new(vec![0; choices]),
+    });
+    Ok(if request.stream {
+        stream_response(generations, shape, meter, state.shutdown.clone())
+    } else {
+        whole_response(generations, shape, meter).await?
+    })
+}
+
+struct TextShape {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    logprobs: bool,
+    /// Characters each choice has sent so far (where the next token's `text_offset` is).
+    offsets: Mutex<Vec<usize>>,
+}
+
+impl TextShape {
+    fn object(&self, choices: Vec<Value>, usage: Option<Option<Usage>>) -> Value {
+        let mut object = json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            object["usage"] = json!(usage);
+        }
+        object
+    }
+
+    fn choice(
+        &self,
+        index: u32,
+        text: &str,
+        logprobs: Option<Value>,
+        finish: Option<FinishReason>,
+    ) -> Value {
+        json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish})
+    }
+
+    /// OpenAI's completions `logprobs` object for the tokens of `text`, which starts
+    /// `start` characters into the choice's text.
+    fn logprobs(&self, text: &str, start: usize, tokens: &[TokenLogprob]) -> Option<Value> {
+        if !self.logprobs {
+            return None;
+        }
+        // The echoed prompt carries no tokens: its text only moves the offsets on.
+        let mut offset = start + text.chars().count()
+            - tokens
+                .iter()
+                .map(|t| t.token.text.chars().count())
+                .sum::<usize>()
+                .min(text.chars().count());
+        let mut text_offset = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            text_offset.push(offset);
+            offset += t.token.text.chars().count();
+        }
+        let top: Vec<Value> = tokens
+            .iter()
+            .map(|t| {
+                let map: Map<String, Value> = t
+                    .top
+                    .iter()
+                    .map(|(alt, lp)| (alt.text.clone(), json!(lp)))
+                    .collect();
+                Value::Object(map)
+            })
+            .collect();
+        Some(json!({
+            "tokens": tokens.iter().map(|t| t.token.text.as_str()).collect::<Vec<_>>(),
+            "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+            "top_logprobs": top,
+            "text_offset": text_offset,
+        }))
+    }
+
+    /// Moves choice `index`'s offset past `text`, returning where `text` starts.
+    fn advance_offset(&self, index: u32, text: &str) -> usize {
+        let mut offsets = self.offsets.lock().unwrap_or_else(|e| e.into_inner());
+        let start = offsets[index as usize];
+        offsets[index as usize] += text.chars().count();
+        start
+    }
+}
+
+impl Shape for TextShape {
+    fn whole(&self, choices: Vec<Finished>, usage: Usage) -> Value {
+        let choices = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, f)| {
+                let logprobs = self.logprobs(&f.text, 0, &f.logprobs);
+                self.choice(index as u32, &f.text, logprobs, f.finish_reason)
+            })
+            .collect();
+        self.object(choices, Some(Some(usage)))
+    }
+
+    fn piece(&self, index: u32, text: &str, logprobs: &[TokenLogprob]) -> Bytes {
+        let start = self.advance_offset(index, text);
+        let logprobs = self.logprobs(text, start, logprobs);
+        let choice = self.choice(index, text, logprobs, None);
+        sse::event(&self.object(vec![choice], self.include_usage.then_some(None)))
+    }
+
+    fn finished(&self, index: u32, reason: FinishReason, _usage: &Usage) -> Bytes {
+        let choice = self.choice(index, "", None, Some(reason));
+        sse::event(&self.object(vec![choice], self.include_usage.then_some(None)))
+    }
+
+    fn closing(&self, usage: Usage) -> Vec<Bytes> {
+        let mut events = Vec::with_capacity(2);
+        if self.include_usage {
+            events.push(sse::event(&self.object(vec![], Some(Some(usage)))));
+        }
+        events.push(Bytes::from_static(sse::DONE));
+        events
+    }
+}
