@@ -8,7 +8,7 @@
 //! they give way: a request that fits only without them evicts them instead of being
 //! refused.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
@@ -65,12 +65,15 @@ impl Admission {
     }
 
     pub fn ledger(&self) -> Ledger {
-        self.state.lock().expect("ledger lock").clone()
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Records what a loaded (or measured) model needs; later admissions use it.
     pub fn learn(&self, facts: ModelFacts) {
-        let mut s = self.state.lock().expect("ledger lock");
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         s.fixed_bytes = facts.fixed_bytes;
         s.kv_bytes_per_token = facts.kv_bytes_per_token;
         s.context_length = facts.context_length;
@@ -84,7 +87,7 @@ impl Admission {
         prompt_tokens_bound: u64,
         max_tokens: u64,
     ) -> Result<Reservation, DuetError> {
-        let mut s = self.state.lock().expect("ledger lock");
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let tokens = if s.context_length > 0 {
             (prompt_tokens_bound + max_tokens).min(s.context_length)
         } else {
@@ -118,7 +121,7 @@ impl Admission {
     /// Claims `bytes` for the prompt cache if the budget has room beside every request;
     /// returns the generation the claim belongs to.
     pub fn hold_prompt_cache(&self, bytes: u64) -> Option<u64> {
-        let mut s = self.state.lock().expect("ledger lock");
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if s.fixed_bytes + s.reserved_bytes + s.prompt_cache_bytes + bytes > self.budget {
             return None;
         }
@@ -128,7 +131,7 @@ impl Admission {
 
     /// Returns a claim made by `hold_prompt_cache`, unless an eviction already did.
     pub fn release_prompt_cache(&self, bytes: u64, generation: u64) {
-        let mut s = self.state.lock().expect("ledger lock");
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if s.prompt_cache_generation == generation {
             s.prompt_cache_bytes -= bytes;
         }
@@ -138,7 +141,7 @@ impl Admission {
     pub fn prompt_cache_generation(&self) -> u64 {
         self.state
             .lock()
-            .expect("ledger lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .prompt_cache_generation
     }
 }
@@ -154,7 +157,11 @@ pub struct Reservation {
 impl Reservation {
     /// Adjusts the reservation to the exact sequence length, once the prompt is tokenized.
     pub fn set_tokens(&mut self, tokens: u64) {
-        let mut s = self.admission.state.lock().expect("ledger lock");
+        let mut s = self
+            .admission
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let bytes = self.body_bytes + REQUEST_OVERHEAD + tokens * s.kv_bytes_per_token;
         s.reserved_bytes = s.reserved_bytes - self.bytes + bytes;
         self.bytes = bytes;
@@ -183,7 +190,7 @@ impl QueuedReservation {
 
     /// The engine starts the request: the reservation is its own, unless the client left.
     pub fn claim(&self) -> Option<Reservation> {
-        self.0.lock().expect("queued reservation lock").take()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
     /// The client left: returns the memory if the request has not started.
@@ -194,7 +201,11 @@ impl QueuedReservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut s = self.admission.state.lock().expect("ledger lock");
+        let mut s = self
+            .admission
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         s.reserved_bytes -= self.bytes;
     }
 }

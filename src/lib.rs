@@ -1,6 +1,6 @@
 //! duet: an OpenAI-compatible chat server for one's own machine, answering from a local
-//! quantized student model with bounded memory. `main.rs` and the tests both start it
-//! through [`start`].
+//! quantized student model with bounded memory. `main.rs` starts it through [`start`], the
+//! tests through [`start`] or [`start_with`] (another backend in place of the local model).
 
 pub mod admission;
 pub mod backend;

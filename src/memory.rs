@@ -100,6 +100,18 @@ impl KeepAlive {
                 ));
             }
         };
+        Self::seconds(seconds)
+    }
+
+    /// A keep-alive of `seconds` (finite, at most about a century: anything longer means
+    /// never in practice, and would not fit a duration).
+    fn seconds(seconds: f64) -> Result<Self, String> {
+        const CENTURY: f64 = 100.0 * 365.0 * 24.0 * 3600.0;
+        if !seconds.is_finite() || seconds > CENTURY {
+            return Err(format!(
+                "a keep_alive of {seconds} seconds is too long; use -1 to never unload"
+            ));
+        }
         Ok(Self::For(std::time::Duration::from_secs_f64(seconds)))
     }
 
@@ -108,7 +120,7 @@ impl KeepAlive {
         match value {
             serde_json::Value::Number(n) => match n.as_f64() {
                 Some(s) if s < 0.0 => Ok(Self::Never),
-                Some(s) => Ok(Self::For(std::time::Duration::from_secs_f64(s))),
+                Some(s) => Self::seconds(s),
                 None => Err("keep_alive is not a number".into()),
             },
             serde_json::Value::String(s) => Self::parse(s),
@@ -226,6 +238,9 @@ mod tests {
             Ok(KeepAlive::For(Duration::from_millis(250)))
         );
         assert!(KeepAlive::parse("soon").is_err());
+        // Too long for a duration: refused, never a panic on an HTTP worker.
+        assert!(KeepAlive::from_json(&serde_json::json!(1e300)).is_err());
+        assert!(KeepAlive::parse("1e300h").is_err());
         assert_eq!(
             KeepAlive::from_json(&serde_json::json!(0)),
             Ok(KeepAlive::For(Duration::ZERO))

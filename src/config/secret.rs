@@ -1,6 +1,7 @@
 //! [`Secret`]: a setting that must never be printed (client API keys). `Debug` and
-//! `Display` show `***`; only [`Secret::expose`] reads the value, and serde reads and
-//! writes it as the plain string the file or environment holds.
+//! `Display` show `***`, and so does serializing it (no printed configuration can show
+//! one); only [`Secret::expose`] reads the value. It is read from the plain string the file
+//! or environment holds.
 
 use std::fmt;
 
@@ -8,9 +9,15 @@ use serde::{Deserialize, Serialize};
 
 /// A secret string. Comparing two with `==` is not constant time: it is for settings;
 /// checking what a client sent goes through `http::auth`.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("***")
+    }
+}
 
 impl Secret {
     /// The value itself, for the code that has to use it (never for logs).
@@ -48,15 +55,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prints_stars_and_serializes_as_the_plain_string() {
+    fn prints_and_serializes_as_stars_and_reads_the_plain_string() {
         let key = Secret::from("sk-123");
         assert_eq!(
             format!("{key:?} {key} {:?}", vec![key.clone()]),
             "*** *** [***]"
         );
         assert_eq!(key.expose(), "sk-123");
-        let json = serde_json::to_string(&key).unwrap();
-        assert_eq!(json, "\"sk-123\"");
-        assert_eq!(serde_json::from_str::<Secret>(&json).unwrap(), key);
+        assert_eq!(serde_json::to_string(&key).unwrap(), "\"***\"");
+        assert_eq!(serde_json::from_str::<Secret>("\"sk-123\"").unwrap(), key);
     }
 }

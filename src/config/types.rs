@@ -202,7 +202,10 @@ mod tests {
         let defaults = toml::Table::try_from(Config::default()).unwrap();
         assert_eq!(defaults["memory"]["max_bytes"].as_str(), Some("50%"));
         assert_eq!(defaults["memory"]["keep_alive"].as_str(), Some("5m"));
+        // Client keys are written as stars: a printed configuration never shows one.
+        assert_eq!(table["server"]["api_keys"][0].as_str(), Some("***"));
         let back: Config = toml::Value::Table(table).try_into().unwrap();
+        config.server.api_keys = vec!["***".into()];
         assert_eq!(back, config);
     }
 

@@ -125,7 +125,7 @@ impl ChatBackend for Student {
             }
             let prompt = started_rx
                 .await
-                .map_err(|_| DuetError::Internal("the engine dropped the request".into()))??;
+                .map_err(|_| DuetError::ModelLoad("the engine dropped the request".into()))??;
             Ok(Generation {
                 prompt,
                 events: events_rx,

@@ -3,9 +3,10 @@
 //! forward pass carries one new token of every decoding sequence plus a slice of the prompts
 //! being read ([`scheduler`]), so a long prompt never stalls the streams already running.
 //! Model work never runs on an HTTP worker; a sequence whose client is gone stops at the next
-//! pass. A panic in model code (a kernel's assertion, a bug) is caught here: the requests in
-//! flight end with an error, the model is dropped and `/health` says `failed` with the
-//! reason until the next request loads it again.
+//! pass. A panic in model code (a kernel's assertion, a bug) is caught here: in a forward
+//! pass, the requests in flight end with an error, the model is dropped and `/health` says
+//! `failed` until the next request loads it again; while a request starts, only that request
+//! fails. The panic's message goes to the log only (it may quote a request's text).
 //!
 //! - [`job`]: a request on its way to the engine;
 //! - [`scheduler`]: how many tokens each sequence runs in the next pass;
@@ -36,6 +37,20 @@ use crate::backend::{LoadState, Outcome, StudentStatus};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
 use crate::memory::KeepAlive;
+
+/// What clients and `/health` are told when model code panics: the panic's own message may
+/// quote a request's text, so it goes to the server's log only.
+const FAILURE: &str = "the student failed with an internal error (see the server's log)";
+
+/// Logs a panic caught on the engine thread with its message.
+fn log_panic(panic: &(dyn std::any::Any + Send), during: &str) {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    tracing::error!(%message, "the engine panicked during {during}");
+}
 
 /// What the engine needs besides its jobs.
 pub struct EngineSettings {
@@ -116,48 +131,55 @@ impl Engine {
         loop {
             if self.active.is_empty() {
                 match self.next_job(&jobs) {
-                    Some(job) => self.guarded(|engine| engine.begin(job)),
+                    Some(job) => self.begin_guarded(job),
                     None => return,
                 }
             }
             // Whatever else is waiting joins the batch at once.
             while self.active.len() < self.settings.student.parallel {
                 match jobs.try_recv() {
-                    Ok(job) => self.guarded(|engine| engine.begin(job)),
+                    Ok(job) => self.begin_guarded(job),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            if !self.active.is_empty() {
-                self.guarded(Engine::pass);
+            if !self.active.is_empty()
+                && let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.pass()))
+            {
+                log_panic(&*panic, "a forward pass");
+                self.recover();
             }
         }
     }
 
-    /// Runs one step of the engine's work, recovering from a panic inside it.
-    fn guarded(&mut self, work: impl FnOnce(&mut Self)) {
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| work(self))) {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            self.recover(format!("the engine panicked: {message}"));
+    /// [`begin`](Self::begin), recovering from a panic inside it. Starting a request does
+    /// not touch the forward pass's state, so only that request fails (its client is told
+    /// when its answer channel drops) and the others go on; a panic while loading marks the
+    /// model failed like any load error.
+    fn begin_guarded(&mut self, job: Job) {
+        let was_loaded = self.loaded.is_some();
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.begin(job))) {
+            log_panic(&*panic, "starting a request");
+            if !was_loaded {
+                self.release_model();
+                self.load_error = Some(FAILURE.into());
+                self.shared.status().state = LoadState::Failed {
+                    reason: FAILURE.into(),
+                };
+            }
         }
     }
 
-    /// After a panic nothing the model holds can be trusted: every request in flight ends
-    /// with an error (an SSE error event for a stream that started), the model and its
-    /// caches are dropped, and `/health` says why until the next request loads it again.
-    fn recover(&mut self, reason: String) {
-        tracing::error!(%reason, "student failed; requests in flight end with an error");
+    /// After a panic in a forward pass nothing the model holds can be trusted: every request
+    /// in flight ends with an error (an SSE error event for a stream that started; a 503,
+    /// which hybrid mode hands to the teacher, for one that had not), the model and its
+    /// caches are dropped, and `/health` says `failed` until the next request loads it again.
+    fn recover(&mut self) {
         // Said first: a client told of the failure may read /health right away.
         self.shared.status().state = LoadState::Failed {
-            reason: reason.clone(),
+            reason: FAILURE.into(),
         };
         for mut sequence in self.active.drain(..) {
-            sequence.fail(DuetError::Internal(format!(
-                "the student failed while generating: {reason}"
-            )));
+            sequence.fail(DuetError::ModelLoad(FAILURE.into()));
         }
         self.release_model();
     }

@@ -1,6 +1,7 @@
 //! The GGUF block formats duet's kernels read, one type each (as candle's `k_quants` does):
 //! the block's layout as a `#[repr(C)]` struct whose size is checked at compile time, and
-//! the constants the kernels need. Every size a kernel uses comes from here.
+//! the constants the kernels need. Every block size and offset constant a kernel uses comes
+//! from here (the byte positions inside a block are the structs' field layouts).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;

@@ -23,6 +23,11 @@ pub fn read_shape(h: &GgufHeader) -> Result<ModelShape, DuetError> {
         .arch_u32("attention.head_count_kv")
         .map(|n| n as usize)
         .unwrap_or(heads);
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(DuetError::ModelLoad(format!(
+            "impossible attention shape: {heads} heads over {kv_heads} key/value heads"
+        )));
+    }
     let head_dim = h
         .arch_u32("rope.dimension_count")
         .map(|n| n as usize)
@@ -43,11 +48,6 @@ pub fn read_shape(h: &GgufHeader) -> Result<ModelShape, DuetError> {
                 .map(|t| t.shape.dims()[0])
                 .ok_or_else(|| DuetError::ModelLoad("GGUF has no feed-forward width".into()))
         })?;
-    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-        return Err(DuetError::ModelLoad(format!(
-            "impossible attention shape: {heads} heads over {kv_heads} key/value heads"
-        )));
-    }
     Ok(ModelShape {
         architecture: h.architecture,
         layers: h.arch_u32("block_count")? as usize,

@@ -19,9 +19,9 @@ use super::weights::QuantMatrix;
 use crate::student::cache::kv::KvCache;
 
 /// A linear layer with quantized weights and, for qwen2's q/k/v, an f32 bias.
-pub struct Linear {
-    pub weight: QuantMatrix,
-    pub bias: Option<Vec<f32>>,
+pub(crate) struct Linear {
+    pub(crate) weight: QuantMatrix,
+    pub(crate) bias: Option<Vec<f32>>,
 }
 
 impl Linear {
@@ -37,16 +37,16 @@ impl Linear {
 }
 
 /// One transformer block's weights.
-pub struct Layer {
-    pub attn_norm: Vec<f32>,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub ffn_norm: Vec<f32>,
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
 }
 
 /// One sequence's part of a forward pass: its next tokens and its cache.
@@ -85,7 +85,7 @@ pub struct Transformer {
 impl Transformer {
     /// Assembles a model from its weights (see `load::tensors`); `rope` bounds the longest
     /// sequence this instance accepts.
-    pub fn new(
+    pub(crate) fn new(
         shape: ModelShape,
         embed: Arc<QuantMatrix>,
         layers: Vec<Layer>,
