@@ -64,7 +64,12 @@ pub fn attend(
                 #[cfg(target_arch = "x86_64")]
                 if fast {
                     // SAFETY: `simd_supported` checked the CPU and the head size.
-                    unsafe { x86::attend_item(&item, q, keys, values, scratch, o) };
+                    unsafe {
+                        match h.head_dim {
+                            64 => x86::attend_item::<4, 4>(&item, q, keys, values, scratch, o),
+                            _ => x86::attend_item::<8, 2>(&item, q, keys, values, scratch, o),
+                        }
+                    };
                     continue;
                 }
                 let _ = fast;
@@ -94,9 +99,9 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// Whether the AVX-512 path runs for heads of `head_dim` values on this CPU.
+/// Whether the AVX-512 path runs for heads of `head_dim` values (64 or 128) on this CPU.
 fn simd_supported(head_dim: usize) -> bool {
-    head_dim.is_multiple_of(16) && crate::student::kernels::cpu_supported()
+    matches!(head_dim, 64 | 128) && crate::student::kernels::cpu_supported()
 }
 
 /// Any CPU: each cached key and value widened to f32 once per item.
@@ -151,9 +156,17 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// [`super::attend_item`] with keys and values widened inside 512-bit registers, 16
-    /// values at a time; `head_dim` must be a multiple of 16.
+    /// values at a time, for heads of `16 * CHUNKS` values; the weighted values of `HEADS`
+    /// query heads are summed together (their accumulators fill most registers).
+    ///
+    /// Each key and value is widened once per position and used by every query head of the
+    /// group (widening them per head cost as much as the arithmetic). Every sum keeps the
+    /// order it has for a row alone, so a row's result does not depend on the rows beside it.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and VL, F16C and FMA, and the head `16 * CHUNKS` values.
     #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
-    pub(super) unsafe fn attend_item(
+    pub(super) unsafe fn attend_item<const CHUNKS: usize, const HEADS: usize>(
         item: &Item,
         q: &[f32],
         keys: &[f16],
@@ -162,41 +175,55 @@ mod x86 {
         out: &mut [f32],
     ) {
         let (hd, len) = (item.h.head_dim, item.len);
+        assert_eq!(hd, 16 * CHUNKS);
         let kv_row = item.h.kv_heads * hd;
         let group = q.len() / hd;
         let base = item.kv_head * hd;
         assert!(keys.len() >= (len - 1) * kv_row + base + hd && values.len() >= keys.len());
+        assert!(out.len() >= group * hd);
         scratch.scores.resize(group * len, 0.0);
         let (keys, values, q) = (
             keys.as_ptr().cast::<u16>(),
             values.as_ptr().cast::<u16>(),
             q.as_ptr(),
         );
+        let mut wide = [_mm512_setzero_ps(); CHUNKS];
         // SAFETY: every pointer below stays inside the slices checked above.
         unsafe {
             for j in 0..len {
                 let key = keys.add(j * kv_row + base);
+                for (c, w) in wide.iter_mut().enumerate() {
+                    *w = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(16 * c).cast()));
+                }
                 for g in 0..group {
                     let mut acc = _mm512_setzero_ps();
-                    for c in (0..hd).step_by(16) {
-                        let k = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(c).cast()));
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(g * hd + c)), k, acc);
+                    for (c, w) in wide.iter().enumerate() {
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(g * hd + 16 * c)), *w, acc);
                     }
                     scratch.scores[g * len + j] = _mm512_reduce_add_ps(acc) * item.scale;
                 }
             }
             softmax_rows(&mut scratch.scores, len);
-            for g in 0..group {
-                let weights = &scratch.scores[g * len..(g + 1) * len];
-                for c in (0..hd).step_by(16) {
-                    let mut acc = _mm512_setzero_ps();
-                    for (j, &w) in weights.iter().enumerate() {
-                        let v = _mm512_cvtph_ps(_mm256_loadu_si256(
-                            values.add(j * kv_row + base + c).cast(),
-                        ));
-                        acc = _mm512_fmadd_ps(_mm512_set1_ps(w), v, acc);
+            let scores = scratch.scores.as_ptr();
+            for first in (0..group).step_by(HEADS) {
+                let heads = HEADS.min(group - first);
+                let mut acc = [[_mm512_setzero_ps(); CHUNKS]; HEADS];
+                for j in 0..len {
+                    let value = values.add(j * kv_row + base);
+                    for (c, w) in wide.iter_mut().enumerate() {
+                        *w = _mm512_cvtph_ps(_mm256_loadu_si256(value.add(16 * c).cast()));
                     }
-                    _mm512_storeu_ps(out.as_mut_ptr().add(g * hd + c), acc);
+                    for (g, acc) in acc.iter_mut().enumerate().take(heads) {
+                        let weight = _mm512_set1_ps(*scores.add((first + g) * len + j));
+                        for (a, w) in acc.iter_mut().zip(&wide) {
+                            *a = _mm512_fmadd_ps(weight, *w, *a);
+                        }
+                    }
+                }
+                for (g, acc) in acc.iter().enumerate().take(heads) {
+                    for (c, a) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(out.as_mut_ptr().add((first + g) * hd + 16 * c), *a);
+                    }
                 }
             }
         }
@@ -243,44 +270,57 @@ mod tests {
         out
     }
 
-    /// Both paths against the direct evaluation: head_dim 3 (portable only) and 32 (the
-    /// AVX-512 path where the CPU has it), three query heads per key/value head.
+    /// Both paths against the direct evaluation: head_dim 3 (portable only), 64 and 128
+    /// (the AVX-512 path where the CPU has it), with 3 and 7 query heads per key/value head
+    /// (SmolLM2's and Qwen2.5's groups). A row's result must not depend on the rows beside
+    /// it: each row alone gives the same bits as all rows together.
     #[test]
     fn matches_a_direct_evaluation() {
-        for head_dim in [3, 32] {
+        for (heads, kv_heads, head_dim) in [(6, 2, 3), (6, 2, 64), (14, 2, 64), (6, 2, 128)] {
             let h = Heads {
-                heads: 6,
-                kv_heads: 2,
+                heads,
+                kv_heads,
                 head_dim,
             };
+            let group = heads / kv_heads;
             let (pos, t) = (5, 3);
-            let kv_len = (pos + t) * 2 * head_dim;
+            let kv_len = (pos + t) * kv_heads * head_dim;
             let keys: Vec<f16> = (0..kv_len)
                 .map(|i| f16::from_f32(((i * 5 % 7) as f32) / 7.0 - 0.4))
                 .collect();
             let values: Vec<f16> = (0..kv_len)
                 .map(|i| f16::from_f32((i % 11) as f32 - 5.0))
                 .collect();
-            let queries: Vec<f32> = (0..t * 6 * head_dim)
-                .map(|i| (i as f32 * 0.3).cos())
-                .collect();
+            let row = heads * head_dim;
+            let queries: Vec<f32> = (0..t * row).map(|i| (i as f32 * 0.3).cos()).collect();
             let expected = direct(h, &queries, &keys, &values, pos);
 
             let mut out = vec![0.0; queries.len()];
             attend(h, &queries, &keys, &values, pos, &mut out);
+            for i in 0..t {
+                let mut alone = vec![0.0; row];
+                attend(
+                    h,
+                    &queries[i * row..][..row],
+                    &keys,
+                    &values,
+                    pos + i,
+                    &mut alone,
+                );
+                assert_eq!(alone, out[i * row..][..row], "row {i} alone");
+            }
             let mut portable = vec![0.0; queries.len()];
             let mut scratch = Scratch::default();
-            let row = 6 * head_dim;
             for i in 0..t {
-                for kv_head in 0..2 {
+                for kv_head in 0..kv_heads {
                     let item = Item {
                         h,
                         kv_head,
                         len: pos + i + 1,
                         scale: 1.0 / (head_dim as f32).sqrt(),
                     };
-                    let heads =
-                        i * row + kv_head * 3 * head_dim..i * row + (kv_head + 1) * 3 * head_dim;
+                    let heads = i * row + kv_head * group * head_dim
+                        ..i * row + (kv_head + 1) * group * head_dim;
                     attend_item(
                         &item,
                         &queries[heads.clone()],
