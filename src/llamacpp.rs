@@ -35,6 +35,7 @@ pub struct NativeRequest {
     pub temperature: Option<f32>,
     pub top_k: Option<i64>,
     pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
     pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
@@ -176,6 +177,7 @@ fn validate(
         temperature: req.temperature,
         top_p: req.top_p,
         top_k: req.top_k,
+        min_p: req.min_p,
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
         seed: req.seed.filter(|&s| s >= 0), // llama.cpp's -1: a random seed

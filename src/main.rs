@@ -5,9 +5,17 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+/// Every setting with its default and meaning, shown by `--help`: config/default.toml.
+const SETTINGS: &str = concat!(
+    "Every setting, with its default. Set one in a --config FILE, as an environment variable\n",
+    "DUET_<SECTION>_<KEY> (e.g. DUET_STUDENT_CONTEXT_LENGTH=8192; .env is read too), or with\n",
+    "the flags above:\n\n",
+    include_str!("../config/default.toml")
+);
+
 /// An OpenAI-compatible chat server on your own machine.
 #[derive(Parser)]
-#[command(name = "duet", version, about)]
+#[command(name = "duet", version, about, after_help = SETTINGS)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -33,7 +41,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the OpenAI API (the default).
+    /// Serve the OpenAI API and the chat page (the default).
+    #[command(after_help = SETTINGS)]
     Serve,
 }
 
@@ -87,7 +96,7 @@ async fn serve(config: duet::config::Config) -> std::process::ExitCode {
     tracing::info!(
         address = %running.addr,
         mode = ?config.mode,
-        "duet is serving the OpenAI API at http://{}/v1",
+        "duet is ready: chat page at http://{0}/ and the OpenAI API at http://{0}/v1",
         running.addr
     );
     let grace = std::time::Duration::from_millis(config.server.shutdown_grace_ms);

@@ -56,6 +56,7 @@ fn start_with(args: &[&str], env: &[(&str, &str)]) -> (Server, u32, String) {
                     .split_whitespace()
                     .next()?
                     .trim_end_matches("/v1")
+                    .trim_end_matches('/')
                     .to_string(),
             )
         })

@@ -54,6 +54,13 @@ async fn api_keys_guard_everything_but_health() {
     assert_eq!(status_of("/v1/models").await, 401);
     assert_eq!(status_of("/metrics").await, 401);
     assert_eq!(status_of("/health").await, 200, "health stays open");
+    assert_eq!(
+        status_of("/").await,
+        200,
+        "the chat page asks for the key itself"
+    );
+    assert_eq!(status_of("/favicon.ico").await, 200);
+    assert_eq!(status_of("/props").await, 401);
     let resp = c
         .post(&url)
         .bearer_auth("sk-client-test-123")
@@ -292,6 +299,7 @@ fn start(
                 .next()
                 .unwrap()
                 .trim_end_matches("/v1")
+                .trim_end_matches('/')
                 .to_string();
         }
         seen.push(line);

@@ -185,12 +185,15 @@ pub trait ChatBackend: Send + Sync {
 /// Sampling settings of one request, already validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy (argmax).
-    pub temperature: f32,
+    /// 0 means greedy (argmax). `None` here and below: the client left it to the server
+    /// (the model's recommended value, else llama.cpp's default).
+    pub temperature: Option<f32>,
     /// Keep the smallest set of tokens whose probability reaches `top_p` (1.0: all).
-    pub top_p: f32,
-    /// Keep only the `top_k` likeliest tokens (None: all).
+    pub top_p: Option<f32>,
+    /// Keep only the `top_k` likeliest tokens (0: all).
     pub top_k: Option<usize>,
+    /// Drop tokens less likely than `min_p` times the likeliest (0: none).
+    pub min_p: Option<f32>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub seed: Option<u64>,
@@ -201,13 +204,36 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
-            temperature: 1.0,
-            top_p: 1.0,
+            temperature: None,
+            top_p: None,
             top_k: None,
+            min_p: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
             logit_bias: vec![],
+        }
+    }
+}
+
+/// Sampling a request gets for the fields it leaves out: the model's recommendation (GGUF
+/// `general.sampling.*`) where it gives one, else llama.cpp's defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+}
+
+impl Default for SamplingDefaults {
+    /// llama.cpp's: answers a person wants to read, not a raw draw from the distribution.
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
         }
     }
 }

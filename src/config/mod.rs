@@ -212,7 +212,9 @@ impl Default for ServerConfig {
 impl Default for StudentConfig {
     fn default() -> Self {
         Self {
-            model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            // The smallest model whose answers to everyday questions are mostly right
+            // (tests/quality.rs); SmolLM2-135M is the smaller choice.
+            model: "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".into(),
             name: String::new(),
             max_new_tokens: 512,
             context_length: 4096,
@@ -286,7 +288,7 @@ mod tests {
     #[test]
     fn the_model_name_defaults_to_the_file_name() {
         let mut c = Config::default();
-        assert_eq!(c.student_name(), "SmolLM2-135M-Instruct.Q4_1");
+        assert_eq!(c.student_name(), "qwen2.5-coder-0.5b-instruct-q4_k_m");
         c.student.name = "smol".into();
         assert_eq!(c.student_name(), "smol");
     }

@@ -1,6 +1,7 @@
 //! Client authentication: when `server.api_keys` (or `server.api_keys_file`) holds keys,
-//! every endpoint but `/health` wants `Authorization: Bearer <key>`, compared in constant
-//! time; a missing or wrong key is a 401 with an OpenAI error body. Keys never reach logs.
+//! every endpoint but `/health` and the chat page (`/` and its assets) wants
+//! `Authorization: Bearer <key>`, compared in constant time; a missing or wrong key is a 401
+//! with an OpenAI error body. Keys never reach logs.
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -60,7 +61,8 @@ impl ClientKeys {
     }
 }
 
-/// The middleware: lets `/health` through, checks the bearer key everywhere else.
+/// The middleware: lets `/health` and the chat page through, checks the bearer key
+/// everywhere else.
 pub async fn require_key(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -68,7 +70,9 @@ pub async fn require_key(
     let keys = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.client_keys.clone());
-    let open = req.path() == "/health" || keys.as_ref().is_none_or(|k| k.is_empty());
+    let open = req.path() == "/health"
+        || super::page::OPEN_PATHS.contains(&req.path())
+        || keys.as_ref().is_none_or(|k| k.is_empty());
     if open {
         return next
             .call(req)

@@ -9,6 +9,7 @@ pub mod health;
 pub mod llamacpp;
 pub mod metrics;
 pub mod models;
+pub mod page;
 pub mod render;
 pub mod shutdown;
 
@@ -74,7 +75,12 @@ pub fn cors(origins: &[String]) -> actix_web::middleware::Condition<actix_cors::
 
 /// Mounts every endpoint.
 pub fn routes(cfg: &mut ServiceConfig) {
-    cfg.route("/health", web::get().to(health::health))
+    cfg.route("/", web::get().to(page::index))
+        .route("/assets/app.js", web::get().to(page::app))
+        .route("/assets/style.css", web::get().to(page::style))
+        .route("/favicon.svg", web::get().to(page::favicon))
+        .route("/favicon.ico", web::get().to(page::favicon))
+        .route("/health", web::get().to(health::health))
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/v1/models", web::get().to(models::list))
         .route("/v1/models/{id:.*}", web::get().to(models::get))

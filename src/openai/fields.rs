@@ -15,25 +15,28 @@ pub struct SamplingFields<'a> {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub seed: Option<i64>,
     pub logit_bias: Option<&'a Value>,
 }
 
-/// Sampling settings, OpenAI's defaults where a field is absent.
+/// Sampling settings; a field left out stays `None` for the model's defaults.
 pub fn sampling(f: SamplingFields<'_>) -> Result<SamplingParams, DuetError> {
-    let temperature = in_range("temperature", f.temperature, 0.0, 2.0)?.unwrap_or(1.0);
-    let top_p = in_range("top_p", f.top_p, 0.0, 1.0)?.unwrap_or(1.0);
-    if top_p == 0.0 {
+    let temperature = in_range("temperature", f.temperature, 0.0, 2.0)?;
+    let top_p = in_range("top_p", f.top_p, 0.0, 1.0)?;
+    if top_p == Some(0.0) {
         return Err(DuetError::invalid("top_p", "top_p must be greater than 0"));
     }
+    let min_p = in_range("min_p", f.min_p, 0.0, 1.0)?;
     let presence_penalty =
         in_range("presence_penalty", f.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
     let frequency_penalty =
         in_range("frequency_penalty", f.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
     let top_k = match f.top_k {
-        None | Some(0) | Some(-1) => None, // 0 and -1 mean "off" in llama.cpp and vLLM
+        None => None,
+        Some(0) | Some(-1) => Some(0), // "off" in llama.cpp and vLLM
         Some(k) if k > 0 => Some(k as usize),
         Some(k) => {
             return Err(DuetError::invalid(
@@ -50,6 +53,7 @@ pub fn sampling(f: SamplingFields<'_>) -> Result<SamplingParams, DuetError> {
         temperature,
         top_p,
         top_k,
+        min_p,
         presence_penalty,
         frequency_penalty,
         // Any 64-bit seed is a seed: negative ones map one-to-one onto the upper half.

@@ -12,6 +12,8 @@ pub struct ChatCompletionRequest {
     pub top_p: Option<f32>,
     /// Not in OpenAI's API; accepted as llama.cpp's server and vLLM accept it.
     pub top_k: Option<i64>,
+    /// Not in OpenAI's API either (llama.cpp and vLLM).
+    pub min_p: Option<f32>,
     pub seed: Option<i64>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,

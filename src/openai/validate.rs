@@ -130,6 +130,7 @@ pub fn validate(
         temperature: req.temperature,
         top_p: req.top_p,
         top_k: req.top_k,
+        min_p: req.min_p,
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
         seed: req.seed,
@@ -174,7 +175,7 @@ mod tests {
             serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
         )
         .unwrap();
-        assert_eq!(r.generation.sampling.temperature, 1.0);
+        assert_eq!(r.generation.sampling.temperature, None, "left to the model");
         assert_eq!(r.generation.max_tokens, None);
         assert!(!r.stream && !r.include_usage);
     }

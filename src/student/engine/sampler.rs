@@ -1,17 +1,22 @@
 //! Choosing the next token from logits: OpenAI's logit bias, presence and frequency
-//! penalties, temperature, top-k and top-p, with a seedable generator so a seed reproduces a
-//! text.
+//! penalties, temperature, top-k, top-p and min-p, with a seedable generator so a seed
+//! reproduces a text. What a request leaves out comes from the model's defaults.
 
 use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::backend::SamplingParams;
+use crate::backend::{SamplingDefaults, SamplingParams};
 
 /// Per-sequence sampler state: the generator and how often each token was generated.
 pub struct Sampler {
     params: SamplingParams,
+    temperature: f32,
+    top_p: f32,
+    /// 0: all tokens.
+    top_k: usize,
+    min_p: f32,
     rng: StdRng,
     counts: HashMap<u32, u32>,
     /// Reused between steps so sampling allocates nothing per token.
@@ -19,12 +24,17 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams) -> Self {
+    /// A sampler for `params`, with `defaults` for what they leave out.
+    pub fn new(params: SamplingParams, defaults: &SamplingDefaults) -> Self {
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
         Self {
+            temperature: params.temperature.unwrap_or(defaults.temperature),
+            top_p: params.top_p.unwrap_or(defaults.top_p),
+            top_k: params.top_k.unwrap_or(defaults.top_k),
+            min_p: params.min_p.unwrap_or(defaults.min_p),
             params,
             rng,
             counts: HashMap::new(),
@@ -45,7 +55,7 @@ impl Sampler {
     /// Picks the next token from biased logits and records it for the penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        let token = if self.params.temperature <= 0.0 {
+        let token = if self.temperature <= 0.0 {
             argmax(logits)
         } else {
             self.sample_stochastic(logits)
@@ -69,9 +79,12 @@ impl Sampler {
     }
 
     fn sample_stochastic(&mut self, logits: &[f32]) -> u32 {
-        let temperature = self.params.temperature;
+        let temperature = self.temperature;
         let vocab = logits.len();
-        let top_k = self.params.top_k.unwrap_or(vocab).clamp(1, vocab);
+        let top_k = match self.top_k {
+            0 => vocab,
+            k => k.min(vocab),
+        };
         // Only the head of the distribution is ever sorted: start with at most 64
         // candidates and widen only while top-p needs more mass than they hold.
         let mut width = top_k.min(64);
@@ -84,21 +97,29 @@ impl Sampler {
         loop {
             self.select_top(logits, width);
             let probs_mass = self.normalize(temperature, max, z);
-            if width == top_k || probs_mass >= self.params.top_p {
+            if width == top_k || probs_mass >= self.top_p {
                 break;
             }
             width = (width * 4).min(top_k);
         }
-        // Truncate to the nucleus, then draw.
+        // Truncate to the nucleus and to min-p, then draw.
         let mut cumulative = 0.0;
         let mut keep = self.candidates.len();
         for (i, &(_, p)) in self.candidates.iter().enumerate() {
             cumulative += p;
-            if cumulative >= self.params.top_p {
+            if cumulative >= self.top_p {
                 keep = i + 1;
                 break;
             }
         }
+        let floor = self.min_p * self.candidates[0].1;
+        keep = keep.min(
+            self.candidates
+                .iter()
+                .take_while(|c| c.1 >= floor)
+                .count()
+                .max(1),
+        );
         let total: f32 = self.candidates[..keep].iter().map(|c| c.1).sum();
         let mut r = self.rng.random::<f32>() * total;
         for &(token, p) in &self.candidates[..keep] {
@@ -155,9 +176,17 @@ mod tests {
         vec![0.1, 2.5, -1.0, 2.4, 0.0, 1.0, -3.0, 0.5]
     }
 
+    /// Defaults that change nothing, so each test sees only what it sets.
+    const OPEN: SamplingDefaults = SamplingDefaults {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+    };
+
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {
-            temperature,
+            temperature: Some(temperature),
             seed: Some(7),
             ..Default::default()
         }
@@ -165,7 +194,7 @@ mod tests {
 
     #[test]
     fn temperature_zero_is_argmax() {
-        let mut s = Sampler::new(params(0.0));
+        let mut s = Sampler::new(params(0.0), &OPEN);
         for _ in 0..5 {
             assert_eq!(s.sample(&mut logits()), 1);
         }
@@ -174,11 +203,14 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_other_seed_differs() {
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams {
-                temperature: 1.5,
-                seed: Some(seed),
-                ..Default::default()
-            });
+            let mut s = Sampler::new(
+                SamplingParams {
+                    temperature: Some(1.5),
+                    seed: Some(seed),
+                    ..Default::default()
+                },
+                &OPEN,
+            );
             (0..64).map(|_| s.sample(&mut logits())).collect::<Vec<_>>()
         };
         assert_eq!(draw(42), draw(42));
@@ -187,11 +219,14 @@ mod tests {
 
     #[test]
     fn top_k_keeps_only_the_likeliest() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 5.0,
-            top_k: Some(2),
-            ..params(5.0)
-        });
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: Some(5.0),
+                top_k: Some(2),
+                ..params(5.0)
+            },
+            &OPEN,
+        );
         for _ in 0..200 {
             let t = s.sample(&mut logits());
             assert!(t == 1 || t == 3, "token {t} is outside the top 2");
@@ -201,10 +236,13 @@ mod tests {
     #[test]
     fn top_p_keeps_the_nucleus() {
         // Probabilities at temperature 1: token 1 and 3 hold about 0.37 + 0.34 of the mass.
-        let mut s = Sampler::new(SamplingParams {
-            top_p: 0.6,
-            ..params(1.0)
-        });
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: Some(0.6),
+                ..params(1.0)
+            },
+            &OPEN,
+        );
         let mut seen = std::collections::HashSet::new();
         for _ in 0..300 {
             seen.insert(s.sample(&mut logits()));
@@ -216,10 +254,13 @@ mod tests {
     fn top_p_widens_past_the_first_candidates() {
         // 1,000 equal logits: top-p 0.5 needs 500 of them, more than the first 64.
         let flat = vec![0.0f32; 1000];
-        let mut s = Sampler::new(SamplingParams {
-            top_p: 0.5,
-            ..params(1.0)
-        });
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: Some(0.5),
+                ..params(1.0)
+            },
+            &OPEN,
+        );
         let distinct: std::collections::HashSet<_> =
             (0..2000).map(|_| s.sample(&mut flat.clone())).collect();
         assert!(
@@ -231,12 +272,37 @@ mod tests {
 
     #[test]
     fn penalties_push_away_repeats() {
-        let mut s = Sampler::new(SamplingParams {
-            presence_penalty: 2.0,
-            ..params(0.0)
-        });
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: 2.0,
+                ..params(0.0)
+            },
+            &OPEN,
+        );
         assert_eq!(s.sample(&mut logits()), 1);
         // Token 1 now pays 2.0, so 3 (2.4) beats 1 (0.5).
         assert_eq!(s.sample(&mut logits()), 3);
+    }
+
+    #[test]
+    fn min_p_drops_the_unlikely_and_defaults_fill_what_is_left_out() {
+        // min_p 0.5: only tokens at least half as likely as the best (1 and 3) remain.
+        let mut s = Sampler::new(
+            SamplingParams {
+                min_p: Some(0.5),
+                ..params(1.0)
+            },
+            &OPEN,
+        );
+        for _ in 0..300 {
+            let t = s.sample(&mut logits());
+            assert!(t == 1 || t == 3, "token {t} is under min_p");
+        }
+        let defaults = SamplingDefaults::default();
+        let s = Sampler::new(SamplingParams::default(), &defaults);
+        assert_eq!(
+            (s.temperature, s.top_k, s.top_p, s.min_p),
+            (0.8, 40, 0.95, 0.05)
+        );
     }
 }

@@ -107,7 +107,7 @@ impl Sequence {
             cache,
             max_tokens,
             completion_tokens: 0,
-            sampler: Sampler::new(request.sampling.clone()),
+            sampler: Sampler::new(request.sampling.clone(), &m.sampling),
             detokenizer: Detokenizer::default(),
             stops: StopMatcher::new(request.stop.clone()),
             middle: match &request.prompt {

@@ -6,7 +6,8 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
+pub use candle_core::quantized::gguf_file::Value;
 
 use crate::error::DuetError;
 use crate::student::model::Architecture;
@@ -108,6 +109,10 @@ pub fn u32_value(md: &HashMap<String, Value>, key: &str) -> Result<u32, DuetErro
 }
 
 /// An optional unsigned integer.
+pub fn opt_f32(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
+    md.get(key).and_then(|v| v.to_f32().ok())
+}
+
 pub fn opt_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
     md.contains_key(key)
         .then(|| u32_value(md, key).ok())

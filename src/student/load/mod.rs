@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use footprint::Footprint;
 use gguf::GgufHeader;
 
-use crate::backend::Prompt;
+use crate::backend::{Prompt, SamplingDefaults};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
 use crate::student::model::{MAX_PREFILL_ROWS, Transformer};
@@ -39,6 +39,8 @@ pub struct LoadedModel {
     pub end_tokens: HashSet<u32>,
     /// The model's fill-in-the-middle tokens, when it has them.
     pub fim: Option<FimTokens>,
+    /// Sampling for what a request leaves out.
+    pub sampling: SamplingDefaults,
     /// The estimate made from the header before loading.
     pub footprint: Footprint,
 }
@@ -62,6 +64,7 @@ impl LoadedModel {
             )
         });
         let fim = FimTokens::find(DeclaredFim { ids: declared }, &tokenizer);
+        let sampling = recommended_sampling(header.metadata());
         // The parsed vocabulary and merges are hundreds of thousands of small strings the
         // tokenizer now holds its own copy of: free them before the weights arrive.
         header.drop_tokenizer_metadata();
@@ -100,6 +103,7 @@ impl LoadedModel {
             template,
             end_tokens,
             fim,
+            sampling,
             footprint,
         })
     }
@@ -139,5 +143,17 @@ impl LoadedModel {
                 fim.layout(infill, &self.tokenizer, budget)
             }
         }
+    }
+}
+
+/// The sampling a GGUF recommends (`general.sampling.*`, written by converters from the
+/// model's generation config), llama.cpp's defaults for what it leaves out.
+fn recommended_sampling(md: &std::collections::HashMap<String, gguf::Value>) -> SamplingDefaults {
+    let defaults = SamplingDefaults::default();
+    SamplingDefaults {
+        temperature: gguf::opt_f32(md, "general.sampling.temp").unwrap_or(defaults.temperature),
+        top_k: gguf::opt_u32(md, "general.sampling.top_k").map_or(defaults.top_k, |k| k as usize),
+        top_p: gguf::opt_f32(md, "general.sampling.top_p").unwrap_or(defaults.top_p),
+        min_p: gguf::opt_f32(md, "general.sampling.min_p").unwrap_or(defaults.min_p),
     }
 }
