@@ -63,21 +63,21 @@ pub fn load(
     Ok(config)
 }
 
-/// `SERVER_MAX_BODY_BYTES` -> `server.max_body_bytes`, when such a setting exists.
+/// `SERVER_MAX_BODY_BYTES` -> `server.max_body_bytes` (and `STUDENT_SAMPLING_TOP_K` ->
+/// `student.sampling.top_k`), when such a setting exists.
 fn env_key(rest: &str, defaults: &Table) -> Option<String> {
-    let lower = rest.to_ascii_lowercase();
-    if let Some((section, key)) = lower.split_once('_')
-        && defaults
-            .get(section)
-            .and_then(|s| s.as_table())
-            .is_some_and(|t| t.contains_key(key))
-    {
-        return Some(format!("{section}.{key}"));
+    /// The dotted path whose keys, joined by `_`, spell `name` in `table`.
+    fn find(table: &Table, name: &str) -> Option<String> {
+        table.iter().find_map(|(key, value)| match value {
+            Value::Table(inner) => name
+                .strip_prefix(key.as_str())
+                .and_then(|rest| rest.strip_prefix('_'))
+                .and_then(|rest| find(inner, rest))
+                .map(|path| format!("{key}.{path}")),
+            _ => (name == key).then(|| key.clone()),
+        })
     }
-    defaults
-        .get(&lower)
-        .filter(|v| !v.is_table())
-        .map(|_| lower)
+    find(defaults, &rest.to_ascii_lowercase())
 }
 
 /// Sets a dotted key from a string, typed after the default value of that key.
@@ -88,12 +88,13 @@ fn set(
     raw: &str,
     source: &str,
 ) -> Result<(), ConfigError> {
-    let (section, name) = key.split_once('.').unwrap_or(("", key));
-    let default = if section.is_empty() {
-        defaults.get(name)
-    } else {
-        defaults.get(section).and_then(|s| s.get(name))
-    };
+    let (sections, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let sections: Vec<&str> = sections.split('.').filter(|s| !s.is_empty()).collect();
+    let default = sections
+        .iter()
+        .try_fold(defaults, |t, s| t.get(*s).and_then(Value::as_table))
+        .and_then(|t| t.get(name))
+        .filter(|v| !v.is_table());
     let default =
         default.ok_or_else(|| ConfigError(format!("{source}: unknown setting `{key}`")))?;
     let value = match default {
@@ -129,14 +130,11 @@ fn set(
             )));
         }
     };
-    let target = if section.is_empty() {
-        table
-    } else {
-        table
-            .get_mut(section)
+    let target = sections.iter().fold(table, |t, s| {
+        t.get_mut(*s)
             .and_then(Value::as_table_mut)
             .expect("sections exist in defaults")
-    };
+    });
     target.insert(name.to_string(), value);
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 mod layering;
 mod legacy;
+mod sampling;
 mod secret;
 mod types;
 mod validate;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::memory::KeepAlive;
 pub use layering::load;
+pub use sampling::{ModelOr, SamplingConfig};
 pub use secret::Secret;
 pub use types::{MemoryBudget, TeacherRoute};
 
@@ -190,6 +192,8 @@ pub struct StudentConfig {
     pub parallel: usize,
     /// CPU threads for the model's arithmetic; 0 = the physical cores. Read once per process.
     pub threads: usize,
+    /// Sampling for the fields a request leaves out.
+    pub sampling: SamplingConfig,
 }
 
 impl Default for ServerConfig {
@@ -221,6 +225,7 @@ impl Default for StudentConfig {
             queue_size: 64,
             parallel: 4,
             threads: 0,
+            sampling: SamplingConfig::default(),
         }
     }
 }

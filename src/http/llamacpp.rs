@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::render::{Finished, Shape, TokenMeter, stream_response, whole_response};
-use crate::backend::{FinishReason, LoadState, PromptRead, TokenLogprob, Usage};
+use crate::backend::{FinishReason, LoadState, PromptRead, SamplingDefaults, TokenLogprob, Usage};
 use crate::error::DuetError;
 use crate::llamacpp::{
     NativeRequest, ValidNative, pick_fields, validate_completion, validate_infill,
@@ -197,14 +197,21 @@ pub async fn props(state: web::Data<AppState>) -> HttpResponse {
         LoadState::Ready { context_length, .. } => context_length,
         _ => state.student_config.context_length,
     };
+    // Before the model is read its own recommendations are unknown: llama.cpp's stand in.
+    let sampling = state
+        .student_config
+        .sampling
+        .over(SamplingDefaults::default());
     HttpResponse::Ok().json(json!({
         "default_generation_settings": {
             "n_ctx": n_ctx,
             "model": status.model,
             "params": {
                 "n_predict": state.student_config.max_new_tokens,
-                "temperature": 1.0,
-                "top_p": 1.0,
+                "temperature": sampling.temperature,
+                "top_k": sampling.top_k,
+                "top_p": sampling.top_p,
+                "min_p": sampling.min_p,
             },
         },
         "total_slots": state.student_config.parallel,

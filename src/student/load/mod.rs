@@ -64,7 +64,9 @@ impl LoadedModel {
             )
         });
         let fim = FimTokens::find(DeclaredFim { ids: declared }, &tokenizer);
-        let sampling = recommended_sampling(header.metadata());
+        let sampling = config
+            .sampling
+            .over(recommended_sampling(header.metadata()));
         // The parsed vocabulary and merges are hundreds of thousands of small strings the
         // tokenizer now holds its own copy of: free them before the weights arrive.
         header.drop_tokenizer_metadata();
