@@ -1,8 +1,8 @@
 //! llama.cpp server's native API, as IDE plugins send it (llama.vim and llama.vscode's
 //! `/infill`, Tabby's, Continue's and Twinny's `/completion`): its request fields, and their
 //! validation into a [`GenerationRequest`]. llama.cpp's tuning knobs that only concern its
-//! own engine (`cache_prompt`: duet always keeps prompts; `samplers`, `n_indent`,
-//! `t_max_prompt_ms`, `id_slot`) are accepted and have no effect.
+//! own engine (`cache_prompt`: duet always keeps prompts; `samplers`, `t_max_prompt_ms`,
+//! `id_slot`) are accepted and have no effect.
 
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ use crate::openai::types::StopField;
 const MOST_STOP_SEQUENCES: usize = 16;
 /// Alternatives `n_probs` may ask for.
 const MOST_PROBS: i64 = 20;
+/// Files `input_extra` may hold (llama.vim sends up to 64 chunks by default).
+const MOST_EXTRA_FILES: usize = 64;
 
 /// The body of `POST /completion` and `POST /infill`.
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +98,15 @@ pub fn validate_infill(
     req: NativeRequest,
     limits: &LimitsConfig,
 ) -> Result<ValidNative, DuetError> {
+    if req.input_extra.len() > MOST_EXTRA_FILES {
+        return Err(DuetError::invalid(
+            "input_extra",
+            format!(
+                "at most {MOST_EXTRA_FILES} files of context (got {})",
+                req.input_extra.len()
+            ),
+        ));
+    }
     let prompt = match &req.prompt {
         None => String::new(),
         Some(NativePrompt::Text(text)) => text.clone(),

@@ -1,7 +1,8 @@
 //! The chat page in a real headless Chromium (Debian's `chromium`, driven by Playwright's
-//! Python package; `scripts/install-browser.sh` installs both): tests/browser/chat_page.py
-//! loads it from a duet running the real SmolLM2 model, sends messages, stops an answer and
-//! checks the server ended that generation. It leaves a screenshot in target/chat-page.png.
+//! Python package; `scripts/install-browser.sh` installs both, and `scripts/test.sh` runs it
+//! first): tests/browser/chat_page.py loads it from a duet running the real SmolLM2 model,
+//! sends messages, stops an answer and checks the server ended that generation. It leaves a
+//! screenshot in target/chat-page.png.
 
 mod common;
 
@@ -13,18 +14,18 @@ use common::{SMOLLM2, config_for, spawn};
 #[test]
 fn the_chat_page_works_in_a_real_browser() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let install = Command::new(root.join("scripts/install-browser.sh"))
-        .output()
-        .expect("run scripts/install-browser.sh");
+    // Where scripts/install-browser.sh puts Playwright (the test installs nothing itself).
+    let venv = std::env::var("DUET_BROWSER_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/duet/browser-venv",
+            std::env::var("HOME").unwrap()
+        )
+    });
+    let python = Path::new(&venv).join("bin/python");
     assert!(
-        install.status.success(),
-        "installing the browser failed: {}",
-        String::from_utf8_lossy(&install.stderr)
+        python.is_file() && Path::new("/usr/bin/chromium").is_file(),
+        "Chromium or Playwright is missing: run scripts/install-browser.sh (scripts/test.sh does)"
     );
-    let python = String::from_utf8(install.stdout)
-        .unwrap()
-        .trim()
-        .to_string();
     let base = spawn(config_for(SMOLLM2));
     let screenshot = root.join("target/chat-page.png");
     let run = Command::new(python)

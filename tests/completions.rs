@@ -53,6 +53,24 @@ async fn the_sdk_fills_in_the_middle_from_a_suffix_and_stops_there() {
 }
 
 #[tokio::test]
+async fn a_stop_string_ending_the_middle_keeps_its_line() {
+    for stop in ["\n", "\n\n"] {
+        let body = json_of(
+            post_to(
+                qwen(),
+                "/v1/completions",
+                json!({"model": model_id(QWEN), "prompt": PREFIX, "suffix": SUFFIX,
+                       "stop": stop, "max_tokens": 32, "temperature": 0}),
+            )
+            .await,
+        )
+        .await;
+        let text = body["choices"][0]["text"].as_str().unwrap();
+        assert!(text.starts_with("return a + b"), "stop {stop:?}: {text:?}");
+    }
+}
+
+#[tokio::test]
 async fn the_sdk_gets_logprobs_echo_and_one_choice_per_prompt() {
     let request = CreateCompletionRequestArgs::default()
         .model(model_id(QWEN))

@@ -41,7 +41,8 @@ pub struct Infill {
     pub prefix: String,
     /// Code after the cursor.
     pub suffix: String,
-    /// Text the completion must start with (llama.cpp's `prompt`: the line typed so far).
+    /// Text after the prefix that the model reads but the answer leaves out (llama.cpp's
+    /// `prompt`: what was typed of the line since the request's prefix was cut).
     pub prompt: String,
     /// Other files for context, laid out repo-style when the model has the tokens for it.
     pub extra: Vec<ExtraFile>,

@@ -132,5 +132,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(bad.contains("student.sampling.top_p"), "{bad}");
+        let out_of_range = load(
+            None,
+            env(&[
+                ("DUET_STUDENT_MODEL", &model),
+                ("DUET_STUDENT_SAMPLING_TEMPERATURE", "5"),
+            ]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            out_of_range.contains("student.sampling.temperature"),
+            "{out_of_range}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::{Config, ConfigError, Mode};
+use super::{Config, ConfigError, Mode, ModelOr};
 
 impl Config {
     /// Checks the merged settings; the first problem found is the error, naming its key.
@@ -62,6 +62,28 @@ impl Config {
         }
         if self.student.queue_size == 0 {
             return bad("student.queue_size", "must be at least 1".into());
+        }
+        let sampling = &self.student.sampling;
+        for (key, value, low, high) in [
+            (
+                "student.sampling.temperature",
+                sampling.temperature,
+                0.0,
+                2.0,
+            ),
+            (
+                "student.sampling.top_p",
+                sampling.top_p,
+                f32::MIN_POSITIVE,
+                1.0,
+            ),
+            ("student.sampling.min_p", sampling.min_p, 0.0, 1.0),
+        ] {
+            if let ModelOr::Value(v) = value
+                && !(low..=high).contains(&v)
+            {
+                return bad(key, format!("{v} is outside {low}..={high}"));
+            }
         }
         if self.student.parallel == 0 {
             return bad("student.parallel", "must be at least 1".into());

@@ -10,7 +10,7 @@ use actix_web::web::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::render::{Finished, Shape, TokenMeter, stream_response, whole_response};
+use super::render::{Finished, Shape, TokenMeter, respond};
 use super::{AppState, unix_now};
 use crate::backend::{FinishReason, TokenLogprob, TokenText, Usage};
 use crate::error::DuetError;
@@ -27,10 +27,7 @@ pub async fn student_answer(
     request: &Value,
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
-    let student = state
-        .student
-        .as_ref()
-        .ok_or_else(|| DuetError::Internal("no student in teacher mode".into()))?;
+    let student = state.local_student()?;
     let wire =
         ChatCompletionRequest::deserialize(request).map_err(|e| DuetError::InvalidRequest {
             message: format!("the request body is not a valid chat completion request: {e}"),
@@ -46,11 +43,14 @@ pub async fn student_answer(
         include_usage: request.include_usage,
         logprobs,
     });
-    Ok(if request.stream {
-        stream_response(vec![generation], shape, meter, state.shutdown.clone())
-    } else {
-        whole_response(vec![generation], shape, meter).await?
-    })
+    respond(
+        vec![generation],
+        shape,
+        request.stream,
+        meter,
+        state.shutdown.clone(),
+    )
+    .await
 }
 
 /// Fields shared by every chunk of one chat completion.

@@ -10,7 +10,7 @@ use actix_web::web::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::render::{Finished, Shape, TokenMeter, stream_response, whole_response};
+use super::render::{Finished, Shape, TokenMeter, respond, token_offsets};
 use super::{AppState, unix_now};
 use crate::backend::{FinishReason, TokenLogprob, Usage};
 use crate::error::DuetError;
@@ -24,10 +24,7 @@ pub async fn student_answer(
     request: &Value,
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
-    let student = state
-        .student
-        .as_ref()
-        .ok_or_else(|| DuetError::Internal("no student in teacher mode".into()))?;
+    let student = state.local_student()?;
     let wire = CompletionRequest::deserialize(request).map_err(|e| DuetError::InvalidRequest {
         message: format!("the request body is not a valid completion request: {e}"),
         param: None,
@@ -52,11 +49,14 @@ pub async fn student_answer(
         logprobs,
         offsets: Mutex::new(vec![0; choices]),
     });
-    Ok(if request.stream {
-        stream_response(generations, shape, meter, state.shutdown.clone())
-    } else {
-        whole_response(generations, shape, meter).await?
-    })
+    respond(
+        generations,
+        shape,
+        request.stream,
+        meter,
+        state.shutdown.clone(),
+    )
+    .await
 }
 
 struct TextShape {
@@ -95,23 +95,10 @@ impl TextShape {
         json!({"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish})
     }
 
-    /// OpenAI's completions `logprobs` object for the tokens of `text`, which starts
-    /// `start` characters into the choice's text.
-    fn logprobs(&self, text: &str, start: usize, tokens: &[TokenLogprob]) -> Option<Value> {
+    /// OpenAI's completions `logprobs` object for `tokens`, starting at `text_offset`.
+    fn logprobs(&self, tokens: &[TokenLogprob], text_offset: Vec<usize>) -> Option<Value> {
         if !self.logprobs {
             return None;
-        }
-        // The echoed prompt carries no tokens: its text only moves the offsets on.
-        let mut offset = start + text.chars().count()
-            - tokens
-                .iter()
-                .map(|t| t.token.text.chars().count())
-                .sum::<usize>()
-                .min(text.chars().count());
-        let mut text_offset = Vec::with_capacity(tokens.len());
-        for t in tokens {
-            text_offset.push(offset);
-            offset += t.token.text.chars().count();
         }
         let top: Vec<Value> = tokens
             .iter()
@@ -147,7 +134,7 @@ impl Shape for TextShape {
             .into_iter()
             .enumerate()
             .map(|(index, f)| {
-                let logprobs = self.logprobs(&f.text, 0, &f.logprobs);
+                let logprobs = self.logprobs(&f.logprobs, f.text_offsets);
                 self.choice(index as u32, &f.text, logprobs, f.finish_reason)
             })
             .collect();
@@ -156,7 +143,7 @@ impl Shape for TextShape {
 
     fn piece(&self, index: u32, text: &str, logprobs: &[TokenLogprob]) -> Bytes {
         let start = self.advance_offset(index, text);
-        let logprobs = self.logprobs(text, start, logprobs);
+        let logprobs = self.logprobs(logprobs, token_offsets(start, logprobs));
         let choice = self.choice(index, text, logprobs, None);
         sse::event(&self.object(vec![choice], self.include_usage.then_some(None)))
     }

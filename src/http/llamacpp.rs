@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::render::{Finished, Shape, TokenMeter, stream_response, whole_response};
+use super::render::{Finished, Shape, TokenMeter, respond};
 use crate::backend::{FinishReason, LoadState, PromptRead, SamplingDefaults, TokenLogprob, Usage};
 use crate::error::DuetError;
 use crate::llamacpp::{
@@ -51,10 +51,7 @@ async fn answer(
     valid: ValidNative,
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
-    let student = state
-        .student
-        .as_ref()
-        .ok_or_else(|| DuetError::Internal("no student in teacher mode".into()))?;
+    let student = state.local_student()?;
     let requested = Instant::now();
     let generation = student.generate(valid.generation).await?;
     let shape = Arc::new(NativeShape {
@@ -64,11 +61,14 @@ async fn answer(
         prompt: generation.prompt,
         response_fields: valid.response_fields,
     });
-    Ok(if valid.stream {
-        stream_response(vec![generation], shape, meter, state.shutdown.clone())
-    } else {
-        whole_response(vec![generation], shape, meter).await?
-    })
+    respond(
+        vec![generation],
+        shape,
+        valid.stream,
+        meter,
+        state.shutdown.clone(),
+    )
+    .await
 }
 
 struct NativeShape {

@@ -54,6 +54,15 @@ pub struct AppState {
     pub shutdown: shutdown::ShutdownSignal,
 }
 
+impl AppState {
+    /// The local model, for the handlers that only it can answer (all but the teacher's).
+    pub fn local_student(&self) -> Result<&Arc<dyn ChatBackend>, DuetError> {
+        self.student
+            .as_ref()
+            .ok_or_else(|| DuetError::Internal("no student in teacher mode".into()))
+    }
+}
+
 /// CORS for the configured browser origins: none (off), some, or `*` (any).
 pub fn cors(origins: &[String]) -> actix_web::middleware::Condition<actix_cors::Cors> {
     let mut cors = actix_cors::Cors::default()

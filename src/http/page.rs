@@ -25,6 +25,12 @@ fn asset(content_type: &str, body: &'static str) -> HttpResponse {
         .insert_header((CONTENT_TYPE, content_type))
         // The page changes with the binary: let the browser check on every load.
         .insert_header((CACHE_CONTROL, "no-cache"))
+        // It keeps an API key in the browser: only its own scripts run, nobody frames it.
+        .insert_header((
+            "content-security-policy",
+            "default-src 'self'; frame-ancestors 'none'",
+        ))
+        .insert_header(("x-content-type-options", "nosniff"))
         .body(body)
 }
 

@@ -29,6 +29,8 @@ pub type TokenMeter = Box<dyn FnOnce(u32) + Send>;
 pub struct Finished {
     pub text: String,
     pub logprobs: Vec<TokenLogprob>,
+    /// Where each token of `logprobs` starts in `text`, in characters.
+    pub text_offsets: Vec<usize>,
     pub finish_reason: Option<FinishReason>,
     pub usage: Usage,
 }
@@ -53,14 +55,29 @@ pub trait Shape: Send + Sync + 'static {
     }
 }
 
+/// The answer to a request: a stream of events when it asked for one, else one JSON body.
+pub async fn respond(
+    generations: Vec<Generation>,
+    shape: Arc<dyn Shape>,
+    stream: bool,
+    meter: TokenMeter,
+    shutdown: ShutdownSignal,
+) -> Result<HttpResponse, DuetError> {
+    if stream {
+        Ok(stream_response(generations, shape, meter, shutdown))
+    } else {
+        whole_response(generations, shape, meter).await
+    }
+}
+
 /// Waits for every generation to finish and answers with the shape's JSON body.
 pub async fn whole_response(
     generations: Vec<Generation>,
     shape: Arc<dyn Shape>,
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
-    let finished = futures::future::join_all(generations.into_iter().map(collect)).await;
-    let finished = finished.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // The first failure answers at once; the other choices' generations stop with it.
+    let finished = futures::future::try_join_all(generations.into_iter().map(collect)).await?;
     let usage = total_usage(finished.iter().map(|f| &f.usage));
     meter(usage.completion_tokens);
     Ok(HttpResponse::Ok().json(shape.whole(finished, usage)))
@@ -71,6 +88,10 @@ async fn collect(mut generation: Generation) -> Result<Finished, DuetError> {
     loop {
         match generation.events.recv().await {
             Some(GenEvent::Text { text, logprobs }) => {
+                let start = finished.text.chars().count();
+                finished
+                    .text_offsets
+                    .extend(token_offsets(start, &logprobs));
                 finished.text.push_str(&text);
                 finished.logprobs.extend(logprobs);
             }
@@ -86,6 +107,18 @@ async fn collect(mut generation: Generation) -> Result<Finished, DuetError> {
             None => return Err(unfinished()),
         }
     }
+}
+
+/// Where each token starts, in characters, for tokens whose text begins at `start`.
+pub fn token_offsets(start: usize, tokens: &[TokenLogprob]) -> Vec<usize> {
+    tokens
+        .iter()
+        .scan(start, |at, t| {
+            let here = *at;
+            *at += t.token.text.chars().count();
+            Some(here)
+        })
+        .collect()
 }
 
 fn unfinished() -> DuetError {

@@ -149,8 +149,10 @@ pub fn validate_completion(
         seed: req.seed,
         logit_bias: req.logit_bias.as_ref(),
     })?;
+    // OpenAI's default of 16 applies before the server's cap does.
+    let asked = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS as i64);
     let max_tokens =
-        fields::max_tokens("max_tokens", req.max_tokens, 0, limits)?.unwrap_or(DEFAULT_MAX_TOKENS);
+        fields::max_tokens("max_tokens", Some(asked), 0, limits)?.unwrap_or(DEFAULT_MAX_TOKENS);
     let stop = fields::stop(req.stop, MOST_STOP_SEQUENCES)?;
     let keep_alive = fields::keep_alive(&req.extra)?;
     let generations = prompts

@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 const conversation = $("conversation");
 const messages = [];
 let running = null; // the AbortController of the answer being streamed
+let conversationId = 0; // "New chat" starts another: a late answer must not join it
 
 const keyField = $("api-key");
 keyField.value = localStorage.getItem("duet.apiKey") || "";
@@ -129,6 +130,7 @@ function setRunning(controller) {
 }
 
 async function send(text) {
+  const conversationAtStart = conversationId;
   showError("");
   messages.push({ role: "user", content: text });
   addTurn("user", text);
@@ -198,8 +200,10 @@ async function send(text) {
     }
   } finally {
     setRunning(null);
-    if (answer) messages.push({ role: "assistant", content: answer });
-    else if (!stopped) messages.pop();
+    if (conversationId === conversationAtStart) {
+      if (answer) messages.push({ role: "assistant", content: answer });
+      else if (!stopped) messages.pop();
+    }
     pollHealth();
   }
 }
@@ -237,6 +241,7 @@ $("stop").addEventListener("click", () => running?.abort());
 
 $("clear").addEventListener("click", () => {
   running?.abort();
+  conversationId += 1;
   messages.length = 0;
   conversation.replaceChildren();
   $("message").focus();

@@ -22,7 +22,7 @@ use crate::student::load::LoadedModel;
 use crate::student::model::Step;
 use crate::student::text::detokenizer::Detokenizer;
 use crate::student::text::middle::MiddleGuard;
-use crate::student::text::stop::{StopMatcher, StopScan};
+use crate::student::text::stop::StopMatcher;
 
 /// One request being generated: its tokens, its cache and where its text goes.
 pub struct Sequence {
@@ -199,19 +199,17 @@ impl Sequence {
                     .entry(token, alternatives, &m.tokenizer);
                 self.pending_logprobs.push(entry);
             }
-            let (mut text, mut stopped) = match self
+            let (mut text, mut stopped) = self
                 .stops
                 .push(&self.detokenizer.push(m.tokenizer.bytes(token)))
-            {
-                StopScan::Emit(t) => (t, false),
-                StopScan::Stopped(t) => (t, true),
-            };
+                .into_parts();
             if let Some(middle) = &mut self.middle {
-                let (kept, ended) = match middle.push(&text) {
-                    StopScan::Emit(t) => (t, false),
-                    StopScan::Stopped(t) => (t, true),
-                };
+                let (kept, ended) = middle.push(&text).into_parts();
                 text = kept;
+                if stopped && !ended {
+                    // A stop sequence ended the middle: the line it was on is part of it.
+                    text += &middle.finish();
+                }
                 stopped |= ended;
             }
             if !self.send(text) {
@@ -264,9 +262,9 @@ impl Sequence {
             // Whatever was held back for a possible stop sequence is part of the answer.
             let mut rest = self.stops.finish();
             if let Some(middle) = &mut self.middle {
-                rest = match middle.push(&rest) {
-                    StopScan::Emit(t) => t + &middle.finish(),
-                    StopScan::Stopped(t) => t,
+                rest = match middle.push(&rest).into_parts() {
+                    (t, false) => t + &middle.finish(),
+                    (t, true) => t,
                 };
             }
             if !self.send(rest) {
@@ -321,20 +319,26 @@ fn prepare(
             format!("token id {bad} is not in this model's vocabulary of {vocab}"),
         ));
     }
-    let wanted = request
-        .max_tokens
-        .unwrap_or(config.max_new_tokens.min(context / 2));
-    let (prompt, truncated) = m.prompt_tokens(&request.prompt, context.saturating_sub(wanted))?;
+    // A fill-in-the-middle prompt cut to fit keeps the same room for the answer whatever
+    // the request's max_tokens, so an IDE's warm-up call (max_tokens 0) lays out the very
+    // prompt its completions will: they find it in the prompt cache.
+    let answer_room = config.max_new_tokens.min(context / 2);
+    let (prompt, truncated) =
+        m.prompt_tokens(&request.prompt, context.saturating_sub(answer_room))?;
     if prompt.is_empty() {
         // Possible with a template that adds nothing around empty messages.
+        let param = match request.prompt {
+            Prompt::Chat(_) => "messages",
+            _ => "prompt",
+        };
         return Err(DuetError::invalid(
-            "messages",
+            param,
             "the request renders to an empty prompt; send some text",
         ));
     }
     let room = context.saturating_sub(prompt.len());
     let max_tokens = match request.max_tokens {
-        Some(n) if n > room || room == 0 => {
+        Some(n) if n > room || (room == 0 && n > 0) => {
             return Err(DuetError::ContextLengthExceeded {
                 context,
                 prompt_tokens: prompt.len(),

@@ -108,11 +108,12 @@ pub fn u32_value(md: &HashMap<String, Value>, key: &str) -> Result<u32, DuetErro
     u32::try_from(n).map_err(|_| missing(key, "is out of range"))
 }
 
-/// An optional unsigned integer.
+/// An optional float.
 pub fn opt_f32(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
     md.get(key).and_then(|v| v.to_f32().ok())
 }
 
+/// An optional unsigned integer.
 pub fn opt_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
     md.contains_key(key)
         .then(|| u32_value(md, key).ok())

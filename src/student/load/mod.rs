@@ -136,7 +136,7 @@ impl LoadedModel {
             }
             Prompt::Infill(infill) => {
                 let fim = self.fim.ok_or_else(|| {
-                    DuetError::invalid(
+                    DuetError::unsupported(
                         "suffix",
                         "this model has no fill-in-the-middle tokens, so it cannot complete \
                          between a prefix and a suffix; use a code model such as Qwen2.5-Coder",
@@ -152,10 +152,28 @@ impl LoadedModel {
 /// model's generation config), llama.cpp's defaults for what it leaves out.
 fn recommended_sampling(md: &std::collections::HashMap<String, gguf::Value>) -> SamplingDefaults {
     let defaults = SamplingDefaults::default();
+    // A value outside its range is ignored (with a warning): the file is not the server's.
+    let float = |key: &str, low: f32, high: f32, default: f32| match gguf::opt_f32(md, key) {
+        Some(v) if (low..=high).contains(&v) => v,
+        Some(v) => {
+            tracing::warn!(
+                key,
+                value = v,
+                "ignoring the GGUF's out-of-range sampling value"
+            );
+            default
+        }
+        None => default,
+    };
     SamplingDefaults {
-        temperature: gguf::opt_f32(md, "general.sampling.temp").unwrap_or(defaults.temperature),
+        temperature: float("general.sampling.temp", 0.0, 2.0, defaults.temperature),
         top_k: gguf::opt_u32(md, "general.sampling.top_k").map_or(defaults.top_k, |k| k as usize),
-        top_p: gguf::opt_f32(md, "general.sampling.top_p").unwrap_or(defaults.top_p),
-        min_p: gguf::opt_f32(md, "general.sampling.min_p").unwrap_or(defaults.min_p),
+        top_p: float(
+            "general.sampling.top_p",
+            f32::MIN_POSITIVE,
+            1.0,
+            defaults.top_p,
+        ),
+        min_p: float("general.sampling.min_p", 0.0, 1.0, defaults.min_p),
     }
 }

@@ -95,8 +95,10 @@ impl FimTokens {
     }
 
     /// The prompt for `infill` in at most `budget` tokens: the code nearest the cursor is
-    /// kept (up to three quarters of the budget before it, a quarter after), other files
-    /// fill what is left. Says whether anything was cut.
+    /// kept (a quarter of the budget after it, the rest before), other files get up to a
+    /// quarter, their newest part. That quarter does not depend on how much code surrounds
+    /// the cursor, so a keystroke does not move the cut and the prompt cache still matches.
+    /// Says whether anything was cut.
     pub fn layout(
         &self,
         infill: &Infill,
@@ -130,9 +132,9 @@ impl FimTokens {
         prefix.extend(encode(&infill.prompt)?);
         let mut suffix = encode(&infill.suffix)?;
         let room = budget.saturating_sub(3); // the three FIM tokens
+        let extra_take = extra.len().min(room / 4);
         let suffix_take = suffix.len().min(room / 4);
-        let prefix_take = prefix.len().min(room - suffix_take);
-        let extra_take = extra.len().min(room - suffix_take - prefix_take);
+        let prefix_take = prefix.len().min(room - extra_take - suffix_take);
         let truncated =
             suffix_take < suffix.len() || prefix_take < prefix.len() || extra_take < extra.len();
         suffix.truncate(suffix_take);

@@ -11,7 +11,8 @@ use super::stop::StopScan;
 pub struct MiddleGuard {
     /// Columns of indentation a line needs to still belong to the middle.
     indent: usize,
-    /// The suffix's first non-blank line, trimmed: writing it again means the middle is done.
+    /// The suffix's first non-blank line (indentation kept, when it has a word in it):
+    /// writing it again means the middle is done.
     suffix_line: Option<String>,
     /// Text of the line being written.
     line: String,
@@ -27,11 +28,12 @@ impl MiddleGuard {
     pub fn new(before: &str, suffix: &str, indent: Option<usize>) -> Self {
         let cursor_line = before.rsplit('\n').next().unwrap_or("");
         let indent = indent.unwrap_or_else(|| columns(cursor_line));
+        // Only a line with some word in it: a closing bracket repeats at every level.
         let suffix_line = suffix
             .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .map(str::to_string);
+            .find(|l| !l.trim().is_empty())
+            .filter(|l| l.chars().any(char::is_alphanumeric))
+            .map(|l| l.trim_end().to_string());
         Self {
             indent,
             suffix_line,
@@ -88,7 +90,8 @@ impl MiddleGuard {
             return false;
         }
         let dedented = self.indent > 0 && columns(line) < self.indent;
-        let repeats_suffix = line.ends_with('\n') && self.suffix_line.as_deref() == Some(trimmed);
+        let repeats_suffix =
+            line.ends_with('\n') && self.suffix_line.as_deref() == Some(line.trim_end());
         dedented || repeats_suffix
     }
 }
@@ -142,5 +145,13 @@ mod tests {
         let (text, stopped) = run(&mut g, &["a()\n", "\n", "    b()\n", "        c"]);
         assert!(!stopped);
         assert_eq!(text, "a()\n\n    b()\n        c");
+    }
+
+    #[test]
+    fn a_closing_bracket_is_not_the_suffix_repeated() {
+        let mut g = MiddleGuard::new("fn f() {\n    ", "}\n", None);
+        let (text, stopped) = run(&mut g, &["if x {\n", "        y();\n", "    }\n"]);
+        assert!(!stopped);
+        assert_eq!(text, "if x {\n        y();\n    }\n");
     }
 }

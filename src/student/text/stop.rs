@@ -10,6 +10,16 @@ pub enum StopScan {
     Stopped(String),
 }
 
+impl StopScan {
+    /// The text, and whether generation is to stop.
+    pub fn into_parts(self) -> (String, bool) {
+        match self {
+            Self::Emit(t) => (t, false),
+            Self::Stopped(t) => (t, true),
+        }
+    }
+}
+
 /// Holds back the tail of the output that might begin a stop sequence.
 pub struct StopMatcher {
     stops: Vec<String>,
