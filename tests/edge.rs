@@ -88,6 +88,7 @@ impl ChatBackend for Echo {
                 std::thread::sleep(delay);
                 let text = GenEvent::Text {
                     text: word.clone(),
+                    tokens: 1,
                     logprobs: vec![],
                 };
                 if tx.blocking_send(text).is_err() {
@@ -339,8 +340,11 @@ async fn a_client_that_leaves_stops_its_generation() {
     let words = "w ".repeat(500);
     let resp = post(&base, ask(&words, true)).await;
     let mut body = resp.bytes_stream();
-    let first = body.next().await.unwrap().unwrap();
-    assert!(first.starts_with(b"data: "));
+    let mut read = Vec::new();
+    while !String::from_utf8_lossy(&read).contains(r#""content":"w"#) {
+        read.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    assert!(read.starts_with(b"data: "));
     drop(body);
     // The fake notices at its next word that nobody reads any more.
     for _ in 0..200 {
@@ -351,6 +355,21 @@ async fn a_client_that_leaves_stops_its_generation() {
     }
     assert_eq!(echo.cancelled.load(Ordering::SeqCst), 1);
     assert_eq!(echo.completed.load(Ordering::SeqCst), 0);
+    // What was generated before the client left is charged: leaving just before the end
+    // does not dodge a token limit.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let generated: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"duet_generated_tokens_total{backend="student"} "#))
+        .expect("generated tokens are counted")
+        .parse()
+        .unwrap();
+    assert!(generated >= 1, "{generated} tokens charged");
     let health: Value = reqwest::get(format!("{base}/health"))
         .await
         .unwrap()

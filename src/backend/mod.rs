@@ -143,9 +143,11 @@ pub struct TokenText {
 /// What a running generation reports, in order: text pieces, then one `Done` or `Error`.
 #[derive(Debug)]
 pub enum GenEvent {
-    /// New text, and (when asked for) the log probabilities of the tokens it came from.
+    /// New text, the tokens generated since the last text (for rate limits when an answer
+    /// ends early), and (when asked for) the log probabilities of the tokens it came from.
     Text {
         text: String,
+        tokens: u32,
         logprobs: Vec<TokenLogprob>,
     },
     Done {

@@ -6,12 +6,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use actix_web::HttpResponse;
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use actix_web::web::Bytes;
-use futures::{StreamExt, stream};
+use futures::{FutureExt, StreamExt, stream};
 
 use super::shutdown::{ShutdownSignal, until_shutdown};
 use crate::backend::{FinishReason, GenEvent, Generation, TokenLogprob, Usage};
@@ -23,6 +24,37 @@ const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 
 /// Called once with the number of tokens generated (rate limits, metrics).
 pub type TokenMeter = Box<dyn FnOnce(u32) + Send>;
+
+/// Charges an answer's tokens exactly once: the final count when it completes, and what
+/// was generated so far when it ends early (the client left, an error), so leaving just
+/// before the end does not dodge a token limit.
+struct Charge {
+    meter: Option<TokenMeter>,
+    so_far: Arc<AtomicU32>,
+}
+
+impl Charge {
+    fn new(meter: TokenMeter) -> Self {
+        Self {
+            meter: Some(meter),
+            so_far: Arc::default(),
+        }
+    }
+
+    /// The answer completed with `tokens` generated.
+    fn settle(&mut self, tokens: u32) {
+        if let Some(meter) = self.meter.take() {
+            meter(tokens);
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let so_far = self.so_far.load(Ordering::Relaxed);
+        self.settle(so_far);
+    }
+}
 
 /// One generation, finished.
 #[derive(Debug, Default)]
@@ -76,18 +108,32 @@ pub async fn whole_response(
     shape: Arc<dyn Shape>,
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
+    let mut charge = Charge::new(meter);
     // The first failure answers at once; the other choices' generations stop with it.
-    let finished = futures::future::try_join_all(generations.into_iter().map(collect)).await?;
+    let finished = futures::future::try_join_all(
+        generations
+            .into_iter()
+            .map(|g| collect(g, charge.so_far.clone())),
+    )
+    .await?;
     let usage = total_usage(finished.iter().map(|f| &f.usage));
-    meter(usage.completion_tokens);
+    charge.settle(usage.completion_tokens);
     Ok(HttpResponse::Ok().json(shape.whole(finished, usage)))
 }
 
-async fn collect(mut generation: Generation) -> Result<Finished, DuetError> {
+async fn collect(
+    mut generation: Generation,
+    so_far: Arc<AtomicU32>,
+) -> Result<Finished, DuetError> {
     let mut finished = Finished::default();
     loop {
         match generation.events.recv().await {
-            Some(GenEvent::Text { text, logprobs }) => {
+            Some(GenEvent::Text {
+                text,
+                tokens,
+                logprobs,
+            }) => {
+                so_far.fetch_add(tokens, Ordering::Relaxed);
                 let start = finished.text.chars().count();
                 finished
                     .text_offsets
@@ -153,7 +199,7 @@ struct Streaming {
     opened: Vec<bool>,
     done: Vec<bool>,
     usages: Vec<Usage>,
-    meter: Option<TokenMeter>,
+    charge: Charge,
     over: bool,
 }
 
@@ -171,7 +217,15 @@ impl Streaming {
             Ok(event) => event,
         };
         match event {
-            Some((index, GenEvent::Text { text, logprobs })) => {
+            Some((
+                index,
+                GenEvent::Text {
+                    text,
+                    tokens,
+                    logprobs,
+                },
+            )) => {
+                self.charge.so_far.fetch_add(tokens, Ordering::Relaxed);
                 self.open(index);
                 let piece = self.shape.piece(index, &text, &logprobs);
                 self.queue.push_back(piece);
@@ -209,9 +263,7 @@ impl Streaming {
 
     fn close(&mut self) {
         let usage = total_usage(self.usages.iter());
-        if let Some(meter) = self.meter.take() {
-            meter(usage.completion_tokens);
-        }
+        self.charge.settle(usage.completion_tokens);
         self.queue.extend(self.shape.closing(usage));
         self.over = true;
     }
@@ -219,6 +271,18 @@ impl Streaming {
     fn fail(&mut self, error: &DuetError) {
         self.queue.extend(self.shape.error(error));
         self.over = true;
+    }
+}
+
+impl Drop for Streaming {
+    /// The client left or the stream failed: tokens generated but not yet sent are charged
+    /// too (the generations stop once the receivers are gone).
+    fn drop(&mut self) {
+        while let Some(Some((_, event))) = self.events.next().now_or_never() {
+            if let GenEvent::Text { tokens, .. } = event {
+                self.charge.so_far.fetch_add(tokens, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -244,7 +308,7 @@ pub fn stream_response(
         opened: vec![false; count],
         done: vec![false; count],
         usages: vec![Usage::default(); count],
-        meter: Some(meter),
+        charge: Charge::new(meter),
         over: false,
     };
     for index in 0..count as u32 {

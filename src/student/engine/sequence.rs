@@ -38,6 +38,8 @@ pub struct Sequence {
     cache: KvCache,
     max_tokens: usize,
     completion_tokens: u32,
+    /// Generated tokens already accounted for in a text event.
+    tokens_sent: u32,
     sampler: Sampler,
     detokenizer: Detokenizer,
     stops: StopMatcher,
@@ -107,6 +109,7 @@ impl Sequence {
             cache,
             max_tokens,
             completion_tokens: 0,
+            tokens_sent: 0,
             sampler: Sampler::new(request.sampling.clone(), &m.sampling),
             detokenizer: Detokenizer::default(),
             stops: StopMatcher::new(request.stop.clone()),
@@ -293,8 +296,14 @@ impl Sequence {
             return true;
         }
         let logprobs = std::mem::take(&mut self.pending_logprobs);
+        let tokens = self.completion_tokens - self.tokens_sent;
+        self.tokens_sent = self.completion_tokens;
         self.events
-            .try_send(GenEvent::Text { text, logprobs })
+            .try_send(GenEvent::Text {
+                text,
+                tokens,
+                logprobs,
+            })
             .is_ok()
     }
 }
