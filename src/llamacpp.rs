@@ -34,16 +34,10 @@ pub struct NativeRequest {
     pub n_predict: Option<i64>,
     /// OpenAI's name, which llama.cpp accepts too.
     pub max_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_k: Option<i64>,
-    pub top_p: Option<f32>,
-    pub min_p: Option<f32>,
-    pub seed: Option<i64>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     pub stop: Option<StopField>,
     pub n_probs: Option<i64>,
-    pub logit_bias: Option<Value>,
     #[serde(default)]
     pub stream: bool,
     /// Stop generating this long after the first token.
@@ -163,37 +157,10 @@ fn validate(
             ));
         }
     };
-    // llama.cpp's form of logit_bias is a list of [token, bias] pairs.
-    let logit_bias = match req.logit_bias {
-        Some(Value::Array(pairs)) => {
-            let mut map = serde_json::Map::new();
-            for pair in pairs {
-                match pair.as_array().map(Vec::as_slice) {
-                    Some([Value::Number(id), bias]) => {
-                        map.insert(id.to_string(), bias.clone());
-                    }
-                    _ => {
-                        return Err(DuetError::invalid(
-                            "logit_bias",
-                            "logit_bias must be [[token, bias], ...] or {\"token\": bias}",
-                        ));
-                    }
-                }
-            }
-            Some(Value::Object(map))
-        }
-        other => other,
-    };
-    let sampling = fields::sampling(SamplingFields {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        seed: req.seed.filter(|&s| s >= 0), // llama.cpp's -1: a random seed
-        logit_bias: logit_bias.as_ref(),
-    })?;
+    // llama.cpp's -1 asks for a random seed.
+    let mut sampling = req.sampling;
+    sampling.seed = sampling.seed.filter(|&s| s >= 0);
+    let sampling = fields::sampling(&sampling)?;
     let time_limit = match req.t_max_predict_ms {
         None => None,
         Some(ms) if ms <= 0 => None,

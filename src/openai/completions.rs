@@ -28,14 +28,8 @@ pub struct CompletionRequest {
     pub prompt: Option<PromptField>,
     pub suffix: Option<String>,
     pub max_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f32>,
-    pub seed: Option<i64>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub logit_bias: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     pub logprobs: Option<i64>,
     #[serde(default)]
     pub echo: bool,
@@ -139,16 +133,7 @@ pub fn validate_completion(
             ));
         }
     };
-    let sampling = fields::sampling(SamplingFields {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        seed: req.seed,
-        logit_bias: req.logit_bias.as_ref(),
-    })?;
+    let sampling = fields::sampling(&req.sampling)?;
     // OpenAI's default of 16 applies before the server's cap does.
     let asked = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS as i64);
     let max_tokens =

@@ -1,6 +1,7 @@
 //! Checks of the fields chat and legacy completions share (sampling, `max_tokens`, `stop`,
 //! `logit_bias`, `keep_alive`): each refusal a 400 that names the field and says why.
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::types::StopField;
@@ -9,21 +10,25 @@ use crate::config::LimitsConfig;
 use crate::error::DuetError;
 use crate::memory::KeepAlive;
 
-/// The sampling fields of a request as sent.
-#[derive(Debug, Default)]
-pub struct SamplingFields<'a> {
+/// The sampling fields every completion API shares, as sent; each request type embeds them
+/// with `#[serde(flatten)]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    /// Not in OpenAI's API; as llama.cpp's server and vLLM accept it.
     pub top_k: Option<i64>,
+    /// Not in OpenAI's API either (llama.cpp and vLLM).
     pub min_p: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub seed: Option<i64>,
-    pub logit_bias: Option<&'a Value>,
+    /// `{"token id": bias}`, or llama.cpp's `[[token id, bias], ...]`.
+    pub logit_bias: Option<Value>,
 }
 
 /// Sampling settings; a field left out stays `None` for the model's defaults.
-pub fn sampling(f: SamplingFields<'_>) -> Result<SamplingParams, DuetError> {
+pub fn sampling(f: &SamplingFields) -> Result<SamplingParams, DuetError> {
     let temperature = in_range("temperature", f.temperature, 0.0, 2.0)?;
     let top_p = in_range("top_p", f.top_p, 0.0, 1.0)?;
     if top_p == Some(0.0) {
@@ -45,7 +50,7 @@ pub fn sampling(f: SamplingFields<'_>) -> Result<SamplingParams, DuetError> {
             ));
         }
     };
-    let logit_bias = match f.logit_bias {
+    let logit_bias = match &f.logit_bias {
         None | Some(Value::Null) => vec![],
         Some(v) => logit_bias(v)?,
     };
@@ -62,13 +67,25 @@ pub fn sampling(f: SamplingFields<'_>) -> Result<SamplingParams, DuetError> {
     })
 }
 
-/// `logit_bias`: an object from token ids (as strings) to biases between -100 and 100.
+/// `logit_bias`: an object from token ids (as strings) to biases between -100 and 100, or
+/// llama.cpp's list of `[token id, bias]` pairs.
 fn logit_bias(v: &Value) -> Result<Vec<(u32, f32)>, DuetError> {
     let bad = |why: String| DuetError::invalid("logit_bias", why);
-    let map = v
-        .as_object()
-        .ok_or_else(|| bad("logit_bias must map token ids to biases".into()))?;
-    map.iter()
+    let pairs: Vec<(String, &Value)> = match v {
+        Value::Object(map) => map.iter().map(|(id, b)| (id.clone(), b)).collect(),
+        Value::Array(list) => list
+            .iter()
+            .map(|pair| match pair.as_array().map(Vec::as_slice) {
+                Some([Value::Number(id), bias]) => Ok((id.to_string(), bias)),
+                _ => Err(bad(
+                    "logit_bias must be {\"token\": bias} or [[token, bias], ...]".into(),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad("logit_bias must map token ids to biases".into())),
+    };
+    pairs
+        .into_iter()
         .map(|(id, bias)| {
             let id: u32 = id
                 .trim()
@@ -191,18 +208,23 @@ mod tests {
 
     #[test]
     fn logit_bias_maps_token_ids_to_biases() {
-        let bias = json!({"15": -100, "7": 2.5});
-        let params = sampling(SamplingFields {
-            logit_bias: Some(&bias),
+        let params = sampling(&SamplingFields {
+            logit_bias: Some(json!({"15": -100, "7": 2.5})),
             ..SamplingFields::default()
         })
         .unwrap();
         let mut got = params.logit_bias;
         got.sort_by_key(|&(id, _)| id);
         assert_eq!(got, vec![(7, 2.5), (15, -100.0)]);
-        for bad in [json!({"x": 1}), json!({"1": 101}), json!([1])] {
-            let e = sampling(SamplingFields {
-                logit_bias: Some(&bad),
+        let pairs = sampling(&SamplingFields {
+            logit_bias: Some(json!([[15, -100.0]])),
+            ..SamplingFields::default()
+        })
+        .unwrap();
+        assert_eq!(pairs.logit_bias, vec![(15, -100.0)], "llama.cpp's pairs");
+        for bad in [json!({"x": 1}), json!({"1": 101}), json!([1]), json!("x")] {
+            let e = sampling(&SamplingFields {
+                logit_bias: Some(bad),
                 ..SamplingFields::default()
             })
             .unwrap_err();

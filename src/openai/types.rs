@@ -1,6 +1,8 @@
 //! Serde types for `/v1/chat/completions` and `/v1/models`, as the OpenAI API defines them.
 
 use serde::{Deserialize, Serialize};
+
+use super::fields::SamplingFields;
 use serde_json::{Map, Value};
 
 /// The body of `POST /v1/chat/completions`.
@@ -8,19 +10,11 @@ use serde_json::{Map, Value};
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<WireMessage>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    /// Not in OpenAI's API; accepted as llama.cpp's server and vLLM accept it.
-    pub top_k: Option<i64>,
-    /// Not in OpenAI's API either (llama.cpp and vLLM).
-    pub min_p: Option<f32>,
-    pub seed: Option<i64>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
     pub stop: Option<StopField>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub logit_bias: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub n: Option<i64>,

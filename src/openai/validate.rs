@@ -1,7 +1,7 @@
 //! Turning a wire request into a [`GenerationRequest`]: every field checked, every
 //! refusal a 400 that names the field and says why.
 
-use super::fields::{self, SamplingFields};
+use super::fields;
 use super::types::{ChatCompletionRequest, MessageContent};
 use crate::backend::{ChatMessage, GenerationRequest, Prompt};
 use crate::config::LimitsConfig;
@@ -126,16 +126,7 @@ pub fn validate(
         }
         _ => None,
     };
-    let sampling = fields::sampling(SamplingFields {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        seed: req.seed,
-        logit_bias: req.logit_bias.as_ref(),
-    })?;
+    let sampling = fields::sampling(&req.sampling)?;
     let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
         (Some(n), _) => fields::max_tokens("max_completion_tokens", Some(n), 1, limits)?,
         (None, n) => fields::max_tokens("max_tokens", n, 1, limits)?,
