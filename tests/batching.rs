@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{SMOLLM2, config_for, health, model_id, post, spawn};
+use common::{SMOLLM2, config_for, health, metric, model_id, post, spawn};
 use serde_json::{Value, json};
 
 async fn chat(base: &str, messages: Value, max_tokens: u32) -> Value {
@@ -77,18 +77,7 @@ async fn a_conversations_next_turn_reuses_the_cached_prefix() {
     // The engine keeps the cache right after the answer's last event: give it a moment.
     let mut held = 0;
     for _ in 0..50 {
-        let metrics = reqwest::get(format!("{base}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        held = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("duet_prompt_cache_bytes "))
-            .expect("the prompt cache gauge")
-            .parse()
-            .unwrap();
+        held = metric(&base, "duet_prompt_cache_bytes").await;
         if held > 0 {
             break;
         }

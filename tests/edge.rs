@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{post, spawn_with};
+use common::{chat_text, health, metric, post, spawn_with, sse_events as events};
 use duet::backend::{
     ChatBackend, FinishReason, GenEvent, Generation, GenerationRequest, Prompt, PromptRead,
     StudentStatus, Usage,
@@ -145,19 +145,6 @@ fn ask(content: &str, stream: bool) -> Value {
     })
 }
 
-/// The `data:` payloads of an SSE body, checking the framing of every event on the way.
-fn events(body: &str) -> Vec<String> {
-    assert!(body.ends_with("\n\n"), "events end with a blank line");
-    body.split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("not a data event: {e:?}"))
-                .to_string()
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_whole_answer_has_openais_shape() {
     let (base, _) = spawn_with(config(Mode::Student), Some(Echo::new(Duration::ZERO)));
@@ -275,16 +262,7 @@ async fn an_error_after_the_stream_started_ends_it_properly() {
             .contains("the fake broke"),
         "{error}"
     );
-    let text: String = events[..events.len() - 2]
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
-    assert_eq!(text, "word0 word1 word2 ");
+    assert_eq!(chat_text(&events[..events.len() - 2]), "word0 word1 word2 ");
 }
 
 #[tokio::test]
@@ -303,15 +281,7 @@ async fn a_full_student_hands_over_to_the_teacher_before_the_first_byte() {
         assert_eq!(resp.headers()["x-duet-backend"], "teacher");
         let text = resp.text().await.unwrap();
         let text = if stream {
-            events(&text)
-                .iter()
-                .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-                .filter_map(|c| {
-                    c["choices"][0]["delta"]["content"]
-                        .as_str()
-                        .map(String::from)
-                })
-                .collect::<String>()
+            chat_text(&events(&text))
         } else {
             let body: Value = serde_json::from_str(&text).unwrap();
             body["choices"][0]["message"]["content"]
@@ -321,15 +291,13 @@ async fn a_full_student_hands_over_to_the_teacher_before_the_first_byte() {
         };
         assert_eq!(text, "from the teacher");
     }
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(r#"duet_fallbacks_total{from="student",to="teacher"} 2"#),
-        "{metrics}"
+    assert_eq!(
+        metric(
+            &base,
+            r#"duet_fallbacks_total{from="student",to="teacher"}"#
+        )
+        .await,
+        2
     );
 }
 
@@ -357,24 +325,7 @@ async fn a_client_that_leaves_stops_its_generation() {
     assert_eq!(echo.completed.load(Ordering::SeqCst), 0);
     // What was generated before the client left is charged: leaving just before the end
     // does not dodge a token limit.
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let generated: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(r#"duet_generated_tokens_total{backend="student"} "#))
-        .expect("generated tokens are counted")
-        .parse()
-        .unwrap();
+    let generated = metric(&base, r#"duet_generated_tokens_total{backend="student"}"#).await;
     assert!(generated >= 1, "{generated} tokens charged");
-    let health: Value = reqwest::get(format!("{base}/health"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(health["student"]["cancelled"], 1);
+    assert_eq!(health(&base).await["student"]["cancelled"], 1);
 }

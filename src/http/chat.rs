@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use actix_web::HttpResponse;
 use actix_web::web::Bytes;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::render::{Finished, Shape, TokenMeter, respond};
-use super::{AppState, unix_now};
+use super::{AppState, parse_wire, unix_now};
 use crate::backend::{FinishReason, TokenLogprob, TokenText, Usage};
 use crate::error::DuetError;
 use crate::openai::sse;
@@ -28,11 +27,7 @@ pub async fn student_answer(
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
     let student = state.local_student()?;
-    let wire =
-        ChatCompletionRequest::deserialize(request).map_err(|e| DuetError::InvalidRequest {
-            message: format!("the request body is not a valid chat completion request: {e}"),
-            param: None,
-        })?;
+    let wire = parse_wire::<ChatCompletionRequest>(request, "chat completion")?;
     let request = validate(wire, &state.input_limits)?;
     let logprobs = request.generation.logprobs.is_some();
     let generation = student.generate(request.generation).await?;

@@ -7,11 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use actix_web::HttpResponse;
 use actix_web::web::Bytes;
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::render::{Finished, Shape, TokenMeter, respond, token_offsets};
-use super::{AppState, unix_now};
+use super::{AppState, parse_wire, unix_now};
 use crate::backend::{FinishReason, TokenLogprob, Usage};
 use crate::error::DuetError;
 use crate::openai::completions::{CompletionRequest, validate_completion};
@@ -25,10 +24,7 @@ pub async fn student_answer(
     meter: TokenMeter,
 ) -> Result<HttpResponse, DuetError> {
     let student = state.local_student()?;
-    let wire = CompletionRequest::deserialize(request).map_err(|e| DuetError::InvalidRequest {
-        message: format!("the request body is not a valid completion request: {e}"),
-        param: None,
-    })?;
+    let wire = parse_wire::<CompletionRequest>(request, "completion")?;
     let request = validate_completion(wire, &state.input_limits)?;
     let logprobs = request.generations[0].logprobs.is_some();
     let choices = request.generations.len();

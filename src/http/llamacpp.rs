@@ -7,11 +7,10 @@ use std::time::Instant;
 
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpResponse, ResponseError};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::render::{Finished, Shape, TokenMeter, respond};
+use super::{AppState, parse_wire};
 use crate::backend::{FinishReason, LoadState, PromptRead, SamplingDefaults, TokenLogprob, Usage};
 use crate::error::DuetError;
 use crate::llamacpp::{
@@ -40,10 +39,7 @@ pub async fn completion(
 }
 
 fn parse(request: &Value) -> Result<NativeRequest, DuetError> {
-    NativeRequest::deserialize(request).map_err(|e| DuetError::InvalidRequest {
-        message: format!("the request body is not a valid llama.cpp completion request: {e}"),
-        param: None,
-    })
+    parse_wire(request, "llama.cpp completion")
 }
 
 async fn answer(

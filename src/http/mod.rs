@@ -54,6 +54,17 @@ pub struct AppState {
     pub shutdown: shutdown::ShutdownSignal,
 }
 
+/// A JSON body read as the API's wire type `T` (`what` names it in the 400 otherwise).
+pub fn parse_wire<T: serde::de::DeserializeOwned>(
+    request: &serde_json::Value,
+    what: &str,
+) -> Result<T, DuetError> {
+    T::deserialize(request).map_err(|e| DuetError::InvalidRequest {
+        message: format!("the request body is not a valid {what} request: {e}"),
+        param: None,
+    })
+}
+
 impl AppState {
     /// The local model, for the handlers that only it can answer (all but the teacher's).
     pub fn local_student(&self) -> Result<&Arc<dyn ChatBackend>, DuetError> {

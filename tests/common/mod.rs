@@ -133,3 +133,32 @@ pub async fn post(base: &str, body: impl serde::Serialize) -> reqwest::Response 
         .await
         .unwrap()
 }
+
+/// The chat text of streamed `data:` payloads (the content deltas of choice 0, in order).
+pub fn chat_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// The value of the `/metrics` line that starts with `series` (name and labels).
+pub async fn metric(base: &str, series: &str) -> u64 {
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no metric {series} in {metrics}"))
+        .parse()
+        .unwrap()
+}
