@@ -2,122 +2,247 @@
 //! rounded to f16 as llama.cpp does), laid out the way the kernels read them, in a buffer
 //! reused from product to product.
 
-use super::pool::{for_each_range, item_slice};
+use super::pool::{ThreadBuffer, for_each_range, item_slice, thread_buffer};
+use super::{lane_span, slot};
 
 /// Values per activation block (and per block of the 32-value formats).
 pub const BLOCK: usize = 32;
 
-/// Two blocks (64 values) of activations quantized to signed bytes, laid out the way the
-/// kernels read them: per 32-bit lane of a 512-bit register (4 values; lanes 0-7 are the first
-/// block, 8-15 the second) its block's scale, and the offset terms.
+/// Sixteen spans of `4 * G` activations quantized to signed bytes, laid out as
+/// [`slot`](super::slot) says: in a full chunk each 32-bit lane of a 512-bit register holds
+/// one span and register `j` values `4j..4j + 4` of every lane's span, so `G` multiply-adds
+/// leave each lane with its whole span's dot product.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-pub struct ActPair {
-    pub qs: [i8; 2 * BLOCK],
-    /// The block's scale `d`, repeated in its 8 lanes.
+pub struct ActChunk<const G: usize> {
+    pub qs: [[i8; 64]; G],
+    /// The scale `d` of the 32-value block each lane's span lies in.
     pub scale: [f32; 16],
-    /// `-offset * (sum of the lane's 4 values)`: the integer start of `sum((u - offset) * q)`.
-    pub offset_start: [i32; 16],
-    /// `d * sum(q) / 8` in each of the block's lanes (Q4_1: times the block minimum).
-    pub mean_term: [f32; 16],
+    /// `-offset * (sum of the span's values)`: the integer start of `sum((u - offset) * q)`.
+    pub offset: [i32; 16],
+    /// `d * sum(q)` of the span (Q4_1 and Q4_K: times the weights' minimum).
+    pub mean: [f32; 16],
 }
 
-impl Default for ActPair {
+impl<const G: usize> Default for ActChunk<G> {
     fn default() -> Self {
         Self {
-            qs: [0; 2 * BLOCK],
+            qs: [[0; 64]; G],
             scale: [0.0; 16],
-            offset_start: [0; 16],
-            mean_term: [0.0; 16],
+            offset: [0; 16],
+            mean: [0.0; 16],
         }
     }
+}
+
+/// Chunks of `G`-group spans a row of `k` values fills (the last one padded with zeros).
+pub fn chunks_per_row(k: usize, groups: usize) -> usize {
+    k.div_ceil(64 * groups)
 }
 
 /// Quantizes one row of activations the way llama.cpp's Q8_0/Q8_1 do (scale = max |x| / 127),
-/// with `offset` the weights' constant offset. A missing second block of the last pair is
-/// zeroed, so it adds nothing whatever the weights hold.
-pub fn quantize_row(x: &[f32], offset: i32, out: &mut [ActPair]) {
-    let blocks = x.len() / BLOCK;
-    if blocks % 2 == 1 {
-        let last = &mut out[blocks / 2];
-        last.qs[BLOCK..].fill(0);
-        last.scale[8..].fill(0.0);
-        last.offset_start[8..].fill(0);
-        last.mean_term[8..].fill(0.0);
-    }
-    for (i, chunk) in x.chunks_exact(BLOCK).enumerate() {
-        let pair = &mut out[i / 2];
-        let half = i % 2;
-        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
-        // llama.cpp's activation blocks store the scale (and Q8_1's scaled sum) as f16;
-        // rounding them the same way keeps greedy answers the same as llama.cpp's.
-        let f16_round = |v: f32| half::f16::from_f32(v).to_f32();
-        let qs = &mut pair.qs[half * BLOCK..(half + 1) * BLOCK];
-        let mut sum = 0i32;
-        for (q, &v) in qs.iter_mut().zip(chunk) {
-            *q = (v * inverse).round() as i8;
-            sum += *q as i32;
+/// with `offset` the weights' constant offset, into `out` (`chunks_per_row` chunks); `q` is
+/// scratch space. Spans past the row's end are zeroed, so they add nothing whatever the
+/// weights hold there.
+pub fn quantize_row<const G: usize>(
+    x: &[f32],
+    offset: i32,
+    q: &mut Vec<i8>,
+    out: &mut [ActChunk<G>],
+) {
+    let k = x.len();
+    let span = 4 * G;
+    q.resize(k, 0);
+    // llama.cpp's activation blocks store the scale (and Q8_1's scaled sum) as f16;
+    // rounding them the same way keeps greedy answers close to llama.cpp's.
+    let f16_round = |v: f32| half::f16::from_f32(v).to_f32();
+    // (d rounded to f16, d) of each 32-value block.
+    let block_d: Vec<(f32, f32)> = x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .map(|(values, q)| {
+            let d = quantize_block(values.try_into().unwrap(), q.try_into().unwrap());
+            (f16_round(d), d)
+        })
+        .collect();
+    let spans = k / span;
+    let span_sums: Vec<i32> = q
+        .chunks_exact(span)
+        .map(|values| values.iter().map(|&v| v as i32).sum())
+        .collect();
+    for (c, chunk) in out.iter_mut().enumerate() {
+        let chunk_spans = (spans - 16 * c).min(16);
+        if chunk_spans == 16 {
+            interleave(&q[c * 64 * G..(c + 1) * 64 * G], &mut chunk.qs);
+            for lane in 0..16 {
+                let s = 16 * c + lane_span(lane, G);
+                let (rounded, d) = block_d[s * span / BLOCK];
+                chunk.scale[lane] = rounded;
+                chunk.offset[lane] = -offset * span_sums[s];
+                chunk.mean[lane] = f16_round(d * span_sums[s] as f32);
+            }
+            continue;
         }
-        for lane in 0..8 {
-            let lane_sum: i32 = qs[lane * 4..lane * 4 + 4].iter().map(|&q| q as i32).sum();
-            pair.scale[half * 8 + lane] = f16_round(d);
-            pair.offset_start[half * 8 + lane] = -offset * lane_sum;
-            pair.mean_term[half * 8 + lane] = f16_round(d * sum as f32) / 8.0;
+        for lane in 0..16 {
+            let mut sum = 0;
+            let mut first = None;
+            for (reg, group) in chunk.qs.iter_mut().enumerate() {
+                let bytes = &mut group[4 * lane..4 * lane + 4];
+                match slot(chunk_spans, G, lane, reg) {
+                    Some((s, g)) => {
+                        let start = (16 * c + s) * span + 4 * g;
+                        bytes.copy_from_slice(&q[start..start + 4]);
+                        sum += bytes.iter().map(|&v| v as i32).sum::<i32>();
+                        first.get_or_insert(start);
+                    }
+                    None => bytes.fill(0),
+                }
+            }
+            (chunk.scale[lane], chunk.offset[lane], chunk.mean[lane]) = match first {
+                Some(start) => {
+                    let (rounded, d) = block_d[start / BLOCK];
+                    (rounded, -offset * sum, f16_round(d * sum as f32))
+                }
+                None => (0.0, 0, 0.0),
+            };
         }
     }
 }
 
-thread_local! {
-    // Reused across calls: quantized activations are rebuilt for every product, and a fresh
-    // allocation per matrix would be one per layer per token.
-    static SCRATCH: std::cell::RefCell<Vec<ActPair>> = const { std::cell::RefCell::new(Vec::new()) };
+/// A full chunk's `64 * G` bytes in value order (16 spans) to the kernels' layout: register
+/// `j`, lane `l` holds group `j` of span [`lane_span`]`(l, G)`.
+fn interleave<const G: usize>(values: &[i8], out: &mut [[i8; 64]; G]) {
+    assert_eq!(values.len(), 64 * G);
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_supported() {
+        // SAFETY: the CPU features were checked just above, the length just before.
+        return unsafe { super::avx512::interleave(values, out) };
+    }
+    for (j, group) in out.iter_mut().enumerate() {
+        for lane in 0..16 {
+            let start = lane_span(lane, G) * 4 * G + 4 * j;
+            group[4 * lane..4 * lane + 4].copy_from_slice(&values[start..start + 4]);
+        }
+    }
 }
+
+/// Quantizes 32 values to signed bytes (`round(v / d)`, halves away from zero) and returns
+/// their scale `d = max |v| / 127`.
+fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_supported() {
+        // SAFETY: the CPU features were checked just above.
+        return unsafe { super::avx512::quantize_block(values, q) };
+    }
+    quantize_block_portable(values, q)
+}
+
+/// [`quantize_block`] one value at a time.
+fn quantize_block_portable(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
+    for (q, &v) in q.iter_mut().zip(values) {
+        *q = (v * inverse).round() as i8;
+    }
+    d
+}
+
+thread_buffer!(ActChunk<8>);
+thread_buffer!(ActChunk<4>);
 
 /// Quantizes the `m` rows of `k` values in `lhs` (a prompt's rows on all threads) with the
-/// weights' constant `offset`, and runs `work` on them: `pairs_per_row` pairs per row.
-pub fn with_quantized<R>(
+/// weights' constant `offset`, and runs `work` on them: `chunks_per_row` chunks per row.
+pub fn with_quantized<const G: usize, R>(
     lhs: &[f32],
     (m, k): (usize, usize),
     offset: i32,
-    work: impl FnOnce(&[ActPair], usize) -> R,
-) -> R {
-    let pairs_per_row = (k / BLOCK).div_ceil(2);
-    SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
+    work: impl FnOnce(&[ActChunk<G>], usize) -> R,
+) -> R
+where
+    ActChunk<G>: ThreadBuffer,
+{
+    let per_row = chunks_per_row(k, G);
+    ActChunk::<G>::with_buffer(|scratch| {
         // Every element is overwritten by `quantize_row`: only growth needs initialising.
-        scratch.resize(m * pairs_per_row, ActPair::default());
-        let quantize = |rows: std::ops::Range<usize>, out: &mut [ActPair]| {
+        scratch.resize(m * per_row, ActChunk::default());
+        let quantize = |rows: std::ops::Range<usize>, out: &mut [ActChunk<G>]| {
+            let mut q = Vec::new();
             for (row, out) in lhs[rows.start * k..rows.end * k]
                 .chunks_exact(k)
-                .zip(out.chunks_exact_mut(pairs_per_row))
+                .zip(out.chunks_exact_mut(per_row))
             {
-                quantize_row(row, offset, out);
+                quantize_row(row, offset, &mut q, out);
             }
         };
         if m == 1 {
-            quantize(0..1, &mut scratch);
+            quantize(0..1, scratch);
         } else {
             let scratch_addr = scratch.as_mut_ptr() as usize;
             for_each_range(m, |rows| {
                 // SAFETY: each range of rows owns its own part of the scratch buffer, which
-                // holds `m * pairs_per_row` pairs and outlives `for_each_range`.
+                // holds `m * per_row` chunks and outlives `for_each_range`.
                 let out = unsafe {
-                    item_slice::<ActPair>(
+                    item_slice::<ActChunk<G>>(
                         scratch_addr,
-                        rows.start * pairs_per_row,
-                        rows.len() * pairs_per_row,
+                        rows.start * per_row,
+                        rows.len() * per_row,
                     )
                 };
                 quantize(rows, out);
             });
         }
-        work(&scratch, pairs_per_row)
+        work(scratch, per_row)
     })
 }
 
-/// Frees this thread's quantized-activation buffer (the model is being unloaded).
+/// Frees this thread's quantized-activation buffers (the model is being unloaded).
 pub fn release_scratch() {
-    SCRATCH.with(|cell| *cell.borrow_mut() = Vec::new());
+    ActChunk::<8>::release();
+    ActChunk::<4>::release();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector interleave puts every byte where the portable one does.
+    #[test]
+    fn vector_and_portable_interleaves_agree() {
+        let values: Vec<i8> = (0..512).map(|i| (i * 37 % 255 - 127) as i8).collect();
+        let mut portable = [[0i8; 64]; 8];
+        for (j, group) in portable.iter_mut().enumerate() {
+            for lane in 0..16 {
+                let start = lane_span(lane, 8) * 32 + 4 * j;
+                group[4 * lane..4 * lane + 4].copy_from_slice(&values[start..start + 4]);
+            }
+        }
+        let mut ours = [[0i8; 64]; 8];
+        interleave(&values, &mut ours);
+        assert_eq!(ours, portable);
+        let mut quarter = [[0i8; 64]; 4];
+        interleave(&values[..256], &mut quarter);
+        // Lane 1 of a 16-value-span chunk holds span 4: values 64..68 in register 0.
+        assert_eq!(quarter[0][4..8], values[64..68]);
+    }
+
+    /// The vector quantizer gives the same bytes and scale as the portable one, ties included.
+    #[test]
+    fn vector_and_portable_quantizers_agree() {
+        for seed in 0..200u32 {
+            let values: [f32; BLOCK] = std::array::from_fn(|i| {
+                let r = (seed * 7919 + i as u32 * 104_729) % 2001;
+                (r as f32 - 1000.0) / [1.0, 7.0, 127.0, 3e4][seed as usize % 4]
+            });
+            // Exact halves after scaling: max 127 makes d 1, so v / d = v.
+            let ties: [f32; BLOCK] =
+                std::array::from_fn(|i| if i == 0 { 127.0 } else { i as f32 - 15.5 });
+            for values in [values, ties, [0.0; BLOCK]] {
+                let (mut a, mut b) = ([0; BLOCK], [0; BLOCK]);
+                let da = quantize_block(&values, &mut a);
+                let db = quantize_block_portable(&values, &mut b);
+                assert_eq!((a, da.to_bits()), (b, db.to_bits()), "{values:?}");
+            }
+        }
+    }
 }

@@ -1,14 +1,16 @@
-//! The AVX-512 VNNI kernels: 64 weights unpacked to unsigned bytes per 512-bit register and
-//! multiplied with up to eight activation rows by `vpdpbusd`, weights prefetched ahead
-//! (decoding waits on memory). Each format's constant offset is folded into the integer
-//! accumulator and the float minimums of Q4_1 and Q4_K into the float one, so the inner loop
-//! is five instructions per row and 64 weights.
+//! The AVX-512 VNNI kernels. A column's weights are unpacked to unsigned bytes, 64 per
+//! 512-bit register in value order, then transposed so that each 32-bit lane holds one scale's
+//! span ([`pack_column`]); a tile of activation rows and columns is then multiplied by
+//! `vpdpbusd` ([`tile`]): `G` instructions give each lane its span's whole integer dot product,
+//! and only then is it converted and scaled, once per span rather than once per 4 values.
+//! Each format's constant offset is folded into the integer sum and the float minimums of
+//! Q4_1 and Q4_K into the float one.
 
 use std::arch::x86_64::*;
 
-use super::ROW_TILE;
-use super::activations::ActPair;
+use super::activations::{ActChunk, BLOCK};
 use super::formats::{BlockFormat, Format};
+use super::{WeightChunk, chunk_registers, slot};
 
 /// Reads a little-endian f16 at `p`.
 ///
@@ -42,20 +44,6 @@ unsafe fn nibbles(first: *const u8, second: Option<*const u8>) -> __m512i {
     }
 }
 
-/// How far ahead of the pair being unpacked weights are prefetched (measured on
-/// SmolLM2 decoding: 512 bytes +17%, 1,024 +30%, 2,048 +7%).
-const PREFETCH_AHEAD: usize = 1024;
-
-/// Lanes 0-7 hold `a`, lanes 8-15 `b`.
-///
-/// # Safety
-/// The CPU must have AVX-512 F.
-#[inline(always)]
-unsafe fn halves(a: f32, b: f32) -> __m512 {
-    // SAFETY: register-only arithmetic; the caller vouches for the CPU features.
-    unsafe { _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b)) }
-}
-
 /// Two 32-byte halves as one register.
 ///
 /// # Safety
@@ -67,42 +55,30 @@ unsafe fn join(a: __m256i, b: __m256i) -> __m512i {
 }
 
 /// Pair `pair` (values `64 * pair..`, the second half absent past `blocks` 32-value
-/// blocks) of weight row `w` in format `B`, as 64 unsigned bytes, the scale of each lane,
-/// and (Q4_1, Q4_K) the minimum of each lane.
+/// blocks) of weight row `w` in format `B`, as 64 unsigned bytes in value order.
 ///
 /// # Safety
 /// `w` must hold the whole row (`blocks` 32-value blocks of `B`) and the CPU must have the
-/// features `dot` enables.
+/// features `pack_column` enables.
 #[inline(always)]
-unsafe fn unpack<B: BlockFormat>(
-    w: *const u8,
-    pair: usize,
-    blocks: usize,
-) -> (__m512i, __m512, __m512) {
+unsafe fn unpack<B: BlockFormat>(w: *const u8, pair: usize, blocks: usize) -> __m512i {
     // SAFETY: every read stays inside the pair's blocks (the second block of a pair only
     // when `2 * pair + 1 < blocks`), which the caller vouches are in `w`.
     unsafe {
-        let zero = _mm512_setzero_ps();
         match B::FORMAT {
             // Q4_1, Q5_0, Q8_0: two consecutive blocks of 32.
             Format::Q4_1 | Format::Q5_0 | Format::Q8_0 => {
                 let p = w.add(2 * pair * B::BYTES);
                 let second = (2 * pair + 1 < blocks).then(|| p.add(B::BYTES));
-                let d = halves(f16_at(p), second.map_or(0.0, |q| f16_at(q)));
                 match B::FORMAT {
-                    Format::Q4_1 => {
-                        let minimum =
-                            halves(f16_at(p.add(2)), second.map_or(0.0, |q| f16_at(q.add(2))));
-                        (nibbles(p.add(4), second.map(|q| q.add(4))), d, minimum)
-                    }
+                    Format::Q4_1 => nibbles(p.add(4), second.map(|q| q.add(4))),
                     Format::Q5_0 => {
                         let bits = |q: *const u8| {
                             u32::from_le_bytes([*q.add(2), *q.add(3), *q.add(4), *q.add(5)]) as u64
                         };
                         let high_bits = bits(p) | second.map_or(0, |q| bits(q) << 32);
                         let fifth = _mm512_maskz_mov_epi8(high_bits, _mm512_set1_epi8(0x10));
-                        let u = _mm512_or_si512(nibbles(p.add(6), second.map(|q| q.add(6))), fifth);
-                        (u, d, zero)
+                        _mm512_or_si512(nibbles(p.add(6), second.map(|q| q.add(6))), fifth)
                     }
                     _ => {
                         // Signed bytes moved to 0..=255 by flipping the sign bit (q + 128).
@@ -110,29 +86,19 @@ unsafe fn unpack<B: BlockFormat>(
                         let b = second.map_or(_mm256_setzero_si256(), |q| {
                             _mm256_loadu_si256(q.add(2).cast())
                         });
-                        (
-                            _mm512_xor_si512(join(a, b), _mm512_set1_epi8(-128)),
-                            d,
-                            zero,
-                        )
+                        _mm512_xor_si512(join(a, b), _mm512_set1_epi8(-128))
                     }
                 }
             }
             // Q4_K: 32 bytes of nibbles per pair, low nibbles first.
             Format::Q4K => {
                 let sb = w.add(pair / 4 * B::BYTES);
-                let j = 2 * (pair % 4);
-                let scales = std::slice::from_raw_parts(sb.add(4), 12);
-                let (d, dmin) = (f16_at(sb), f16_at(sb.add(2)));
-                let (s0, m0) = scale_min_k4(j, scales);
-                let (s1, m1) = scale_min_k4(j + 1, scales);
                 let q = _mm256_loadu_si256(sb.add(16 + 32 * (pair % 4)).cast());
                 let mask = _mm256_set1_epi8(0x0f);
-                let u = join(
+                join(
                     _mm256_and_si256(q, mask),
                     _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
-                );
-                (u, halves(d * s0, d * s1), halves(-dmin * m0, -dmin * m1))
+                )
             }
             // Q6_K: in each half of 128, blocks (A, B) use the low nibbles of ql[0..32] and
             // ql[32..64] with qh bits 0-1 and 2-3; (C, D) the high nibbles with bits 4-7.
@@ -159,31 +125,36 @@ unsafe fn unpack<B: BlockFormat>(
                     let high = _mm256_slli_epi16(_mm256_and_si256(shift(qh, qh_shift), two), 4);
                     _mm256_or_si256(low, high)
                 };
-                let u = join(value(lo, bit_shift), value(hi, bit_shift + 2));
-                let scales = sb
-                    .add(192 + 8 * half + if upper { 4 } else { 0 })
-                    .cast::<i8>();
-                let d = f16_at(sb.add(208));
-                let s = |i: usize| d * *scales.add(i) as f32;
-                let per_lane = _mm512_setr_ps(
-                    s(0),
-                    s(0),
-                    s(0),
-                    s(0),
-                    s(1),
-                    s(1),
-                    s(1),
-                    s(1),
-                    s(2),
-                    s(2),
-                    s(2),
-                    s(2),
-                    s(3),
-                    s(3),
-                    s(3),
-                    s(3),
-                );
-                (u, per_lane, zero)
+                join(value(lo, bit_shift), value(hi, bit_shift + 2))
+            }
+        }
+    }
+}
+
+/// The scale and (Q4_1, Q4_K) minimum of span `span` (of `4 * B::GROUPS` values) of row `w`.
+///
+/// # Safety
+/// The span must lie inside the row at `w`.
+#[inline(always)]
+unsafe fn span_scale<B: BlockFormat>(w: *const u8, span: usize) -> (f32, f32) {
+    // SAFETY: every read stays inside the block or super-block holding the span.
+    unsafe {
+        match B::FORMAT {
+            Format::Q4_1 => {
+                let p = w.add(span * B::BYTES);
+                (f16_at(p), f16_at(p.add(2)))
+            }
+            Format::Q5_0 | Format::Q8_0 => (f16_at(w.add(span * B::BYTES)), 0.0),
+            Format::Q4K => {
+                let sb = w.add(span / 8 * B::BYTES);
+                let scales = std::slice::from_raw_parts(sb.add(4), 12);
+                let (s, m) = scale_min_k4(span % 8, scales);
+                (f16_at(sb) * s, -f16_at(sb.add(2)) * m)
+            }
+            Format::Q6K => {
+                let sb = w.add(span / 16 * B::BYTES);
+                let scale = *sb.add(192 + span % 16).cast::<i8>();
+                (f16_at(sb.add(208)) * scale as f32, 0.0)
             }
         }
     }
@@ -203,51 +174,310 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     (s as f32, m as f32)
 }
 
-/// One weight row (format `B`, `blocks` 32-value blocks at `w`) against the first `R` rows.
+/// The permutation indices of transpose stage `bit`: the stage swaps register-index bit `bit`
+/// with lane-index bit `bit` between the registers `r` and `r | 1 << bit` (`high`: the one
+/// with the bit set). Bit 4 of an index picks `vpermt2d`'s second source.
+const fn stage_indices(bit: usize, high: bool) -> [i32; 16] {
+    let mut out = [0; 16];
+    let mut lane = 0;
+    while lane < 16 {
+        let source = (lane >> bit) & 1;
+        let old_lane = if high {
+            lane | (1 << bit)
+        } else {
+            lane & !(1 << bit)
+        };
+        out[lane] = (old_lane | (source << 4)) as i32;
+        lane += 1;
+    }
+    out
+}
+
+const STAGES: [[[i32; 16]; 2]; 3] = [
+    [stage_indices(0, false), stage_indices(0, true)],
+    [stage_indices(1, false), stage_indices(1, true)],
+    [stage_indices(2, false), stage_indices(2, true)],
+];
+
+/// `G` registers of 16 spans in value order (register `p`, lane `s * G + d`: group `d` of span
+/// `p * 16 / G + s`) to the kernels' layout (register `d`, lane `s * G + p`), in log2(G)
+/// stages of two-source permutes.
 ///
 /// # Safety
-/// The CPU must have the features enabled here ([`super::cpu_supported`]); `w` must hold the whole row
-/// and each of the first `R` rows `blocks.div_ceil(2)` pairs.
+/// The CPU must have AVX-512 F.
+#[inline(always)]
+unsafe fn transpose<const G: usize>(mut regs: [__m512i; G]) -> [__m512i; G] {
+    // SAFETY: register-only arithmetic; the caller vouches for the CPU features.
+    unsafe {
+        let mut bit = 0;
+        while 1 << bit < G {
+            let low = _mm512_loadu_si512(STAGES[bit][0].as_ptr().cast());
+            let high = _mm512_loadu_si512(STAGES[bit][1].as_ptr().cast());
+            for r in 0..G {
+                if r & (1 << bit) == 0 {
+                    let (a, b) = (regs[r], regs[r | 1 << bit]);
+                    regs[r] = _mm512_permutex2var_epi32(a, low, b);
+                    regs[r | 1 << bit] = _mm512_permutex2var_epi32(a, high, b);
+                }
+            }
+            bit += 1;
+        }
+        regs
+    }
+}
+
+/// How far ahead of the pair being unpacked weights are prefetched (measured on
+/// SmolLM2 decoding: 512 bytes +17%, 1,024 +30%, 2,048 +7%).
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Unpacks one weight row (format `B`, `blocks` 32-value blocks) into `out`, one
+/// [`WeightChunk`] per 16 spans; spans past the row's end are zero.
+///
+/// # Safety
+/// The CPU must have the features enabled here ([`super::cpu_supported`]); `w` must hold the
+/// whole row and `out` `blocks * 32 / (64 * G)` rounded up chunks; `G` must be `B::GROUPS`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot<B: BlockFormat, const R: usize>(
+pub unsafe fn pack_column<B: BlockFormat, const G: usize>(
     w: &[u8],
     blocks: usize,
-    rows: [&[ActPair]; ROW_TILE],
-) -> [f32; ROW_TILE] {
-    let mut acc = [_mm512_setzero_ps(); R];
-    // Formats whose minimum is a float (Q4_1, Q4_K), and those with an integer offset.
-    let has_minimum = B::HAS_MINIMUM;
-    let has_offset = B::OFFSET != 0;
+    out: &mut [WeightChunk<G>],
+) {
+    debug_assert_eq!(G, B::GROUPS);
+    let pairs = blocks.div_ceil(2);
+    let spans = blocks * 32 / (4 * G);
     let w = w.as_ptr();
-    for pair in 0..blocks.div_ceil(2) {
-        // SAFETY: `unpack` reads only blocks of this row (the second half of the last
-        // pair only when it exists); rows hold `blocks.div_ceil(2)` pairs each (checked
-        // by `matmul`).
+    for (c, chunk) in out.iter_mut().enumerate() {
+        let chunk_spans = (spans - 16 * c).min(16);
+        // SAFETY: `unpack` and `span_scale` read only pairs and spans inside the row; the
+        // stores go to `chunk`'s own registers.
         unsafe {
             // Decoding is bound by reading weights: ask for the bytes a few pairs ahead
             // (past the row's end lies the next row, or nothing a prefetch minds).
-            let ahead = w.wrapping_add(pair * B::PAIR_BYTES + PREFETCH_AHEAD);
+            let ahead = w.wrapping_add(c * G * B::PAIR_BYTES + PREFETCH_AHEAD);
             _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-            let (u, d, minimum) = unpack::<B>(w, pair, blocks);
-            for r in 0..R {
-                let a = rows[r].get_unchecked(pair);
-                let start = if has_offset {
-                    _mm512_load_si512(a.offset_start.as_ptr().cast())
+            let natural: [__m512i; G] = std::array::from_fn(|p| {
+                let pair = c * G + p;
+                if pair < pairs {
+                    unpack::<B>(w, pair, blocks)
                 } else {
                     _mm512_setzero_si512()
+                }
+            });
+            if chunk_spans > 8 {
+                for (group, reg) in chunk.u.iter_mut().zip(transpose(natural)) {
+                    _mm512_store_si512(group.as_mut_ptr().cast(), reg);
+                }
+            } else {
+                // A short last chunk: placed group by group where `slot` says.
+                let mut values = [[0u8; 64]; G];
+                for (bytes, reg) in values.iter_mut().zip(natural) {
+                    _mm512_storeu_si512(bytes.as_mut_ptr().cast(), reg);
+                }
+                let values = values.as_flattened();
+                for (reg, group) in chunk.u.iter_mut().enumerate() {
+                    for lane in 0..16 {
+                        let bytes = &mut group[4 * lane..4 * lane + 4];
+                        match slot(chunk_spans, G, lane, reg) {
+                            Some((s, g)) => {
+                                let start = s * 4 * G + 4 * g;
+                                bytes.copy_from_slice(&values[start..start + 4]);
+                            }
+                            None => bytes.fill(0),
+                        }
+                    }
+                }
+            }
+            for lane in 0..16 {
+                let (scale, minimum) = match slot(chunk_spans, G, lane, 0) {
+                    Some((s, _)) => span_scale::<B>(w, c * 16 + s),
+                    None => (0.0, 0.0),
                 };
-                let dot = _mm512_dpbusd_epi32(start, u, _mm512_load_si512(a.qs.as_ptr().cast()));
-                let scale = _mm512_mul_ps(d, _mm512_load_ps(a.scale.as_ptr()));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
-                if has_minimum {
-                    acc[r] = _mm512_fmadd_ps(minimum, _mm512_load_ps(a.mean_term.as_ptr()), acc[r]);
+                chunk.scale[lane] = scale;
+                chunk.minimum[lane] = minimum;
+            }
+        }
+    }
+}
+
+/// The dot products of `R` activation rows with `C` packed columns (format `B`, `chunks`
+/// chunks each, the last holding `spans` spans). Every (row, column) goes through the same
+/// instructions in the same order whatever the tile's size, so a row's results do not depend
+/// on the rows beside it.
+///
+/// # Safety
+/// The CPU must have the features enabled here ([`super::cpu_supported`]); every column and
+/// row must hold `chunks` chunks; `G` must be `B::GROUPS`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn tile<B: BlockFormat, const G: usize, const R: usize, const C: usize>(
+    columns: [&[WeightChunk<G>]; C],
+    rows: [&[ActChunk<G>]; R],
+    (chunks, last_spans): (usize, usize),
+) -> [[f32; C]; R] {
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    // SAFETY: every chunk index is below `chunks`, which each column and row holds (the
+    // caller vouches).
+    unsafe {
+        for ch in 0..chunks - 1 {
+            accumulate::<B, G, R, C, G>(&columns, &rows, ch, &mut acc);
+        }
+        let last = chunks - 1;
+        match chunk_registers(last_spans, G) {
+            1 => accumulate::<B, G, R, C, 1>(&columns, &rows, last, &mut acc),
+            2 => accumulate::<B, G, R, C, 2>(&columns, &rows, last, &mut acc),
+            4 => accumulate::<B, G, R, C, 4>(&columns, &rows, last, &mut acc),
+            _ => accumulate::<B, G, R, C, G>(&columns, &rows, last, &mut acc),
+        }
+    }
+    const { assert!(R * C <= 16, "one register of sums per tile") };
+    let flat: [__m512; 16] = std::array::from_fn(|i| {
+        if i < R * C {
+            acc[i / C][i % C]
+        } else {
+            _mm512_setzero_ps()
+        }
+    });
+    let mut sums = [0f32; 16];
+    // SAFETY: the store is of 16 floats into a 16-float array; the features are enabled.
+    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), sum_lanes(flat)) };
+    std::array::from_fn(|r| std::array::from_fn(|c| sums[r * C + c]))
+}
+
+/// Lane `i`: the sum of register `i`'s lanes, each register's lanes added in the same
+/// pairwise order whatever the others hold (so a row's result does not depend on the tile),
+/// in four rounds of two-source permutes and adds (45 instructions for 16 sums).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[inline(always)]
+unsafe fn sum_lanes(mut v: [__m512; 16]) -> __m512 {
+    const EVEN: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+    const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
+    // SAFETY: register-only arithmetic and loads of the two index arrays.
+    unsafe {
+        let (even, odd) = (
+            _mm512_loadu_si512(EVEN.as_ptr().cast()),
+            _mm512_loadu_si512(ODD.as_ptr().cast()),
+        );
+        let mut live = 16;
+        while live > 1 {
+            // Each register holds `16 / live` registers' partial sums, `live` lanes each;
+            // adjacent lanes of one source are added, halving them.
+            for i in 0..live / 2 {
+                let (a, b) = (v[2 * i], v[2 * i + 1]);
+                v[i] = _mm512_add_ps(
+                    _mm512_permutex2var_ps(a, even, b),
+                    _mm512_permutex2var_ps(a, odd, b),
+                );
+            }
+            live /= 2;
+        }
+        v[0]
+    }
+}
+
+/// Adds chunk `ch` (its first `J` registers) of every (row, column) pair to `acc`: integer
+/// sums over each lane's values, then one conversion and scaling per lane.
+///
+/// # Safety
+/// As [`tile`]; `ch` must be a chunk every column and row holds.
+#[inline(always)]
+unsafe fn accumulate<
+    B: BlockFormat,
+    const G: usize,
+    const R: usize,
+    const C: usize,
+    const J: usize,
+>(
+    columns: &[&[WeightChunk<G>]; C],
+    rows: &[&[ActChunk<G>]; R],
+    ch: usize,
+    acc: &mut [[__m512; C]; R],
+) {
+    // SAFETY: the caller vouches for `ch`; the loads are of aligned 64-byte arrays.
+    unsafe {
+        let w: [&WeightChunk<G>; C] = std::array::from_fn(|c| columns[c].get_unchecked(ch));
+        let a: [&ActChunk<G>; R] = std::array::from_fn(|r| rows[r].get_unchecked(ch));
+        let mut sums = [[_mm512_setzero_si512(); C]; R];
+        if B::OFFSET != 0 {
+            for r in 0..R {
+                let start = _mm512_load_si512(a[r].offset.as_ptr().cast());
+                sums[r] = [start; C];
+            }
+        }
+        for j in 0..J {
+            let u: [__m512i; C] =
+                std::array::from_fn(|c| _mm512_load_si512(w[c].u[j].as_ptr().cast()));
+            for r in 0..R {
+                let q = _mm512_load_si512(a[r].qs[j].as_ptr().cast());
+                for c in 0..C {
+                    sums[r][c] = _mm512_dpbusd_epi32(sums[r][c], u[c], q);
+                }
+            }
+        }
+        for r in 0..R {
+            let activation_scale = _mm512_load_ps(a[r].scale.as_ptr());
+            for c in 0..C {
+                let scale = _mm512_mul_ps(_mm512_load_ps(w[c].scale.as_ptr()), activation_scale);
+                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][c]), scale, acc[r][c]);
+                if B::HAS_MINIMUM {
+                    acc[r][c] = _mm512_fmadd_ps(
+                        _mm512_load_ps(w[c].minimum.as_ptr()),
+                        _mm512_load_ps(a[r].mean.as_ptr()),
+                        acc[r][c],
+                    );
                 }
             }
         }
     }
-    let mut out = [0f32; ROW_TILE];
-    for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/// `activations::quantize_block` in two registers; the same results to the bit: the same
+/// maximum, division and product, and halves rounded away from zero as `f32::round` does.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
+    // SAFETY: the loads and stores are of the two arrays' own 32 values and bytes.
+    unsafe {
+        let lo = _mm512_loadu_ps(values.as_ptr());
+        let hi = _mm512_loadu_ps(values.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        let d = amax / 127.0;
+        let inverse = _mm512_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+        let round = |v: __m512| {
+            let scaled = _mm512_mul_ps(v, inverse);
+            let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(scaled);
+            // The fraction is exact; from a half up, step away from zero.
+            let fraction = _mm512_abs_ps(_mm512_sub_ps(scaled, whole));
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(fraction, _mm512_set1_ps(0.5));
+            let step = _mm512_or_ps(
+                _mm512_set1_ps(1.0),
+                _mm512_and_ps(scaled, _mm512_set1_ps(-0.0)),
+            );
+            _mm512_cvttps_epi32(_mm512_mask_add_ps(whole, away, whole, step))
+        };
+        _mm_storeu_si128(q.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(round(lo)));
+        _mm_storeu_si128(
+            q.as_mut_ptr().add(16).cast(),
+            _mm512_cvtepi32_epi8(round(hi)),
+        );
+        d
     }
-    out
+}
+
+/// `activations::interleave`: 16 spans' bytes in value order to the kernels' layout.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `values` must hold `64 * G` bytes.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn interleave<const G: usize>(values: &[i8], out: &mut [[i8; 64]; G]) {
+    // SAFETY: the loads read the caller's `64 * G` bytes, the stores fill `out`.
+    unsafe {
+        let natural: [__m512i; G] =
+            std::array::from_fn(|p| _mm512_loadu_si512(values.as_ptr().add(64 * p).cast()));
+        for (group, reg) in out.iter_mut().zip(transpose(natural)) {
+            _mm512_storeu_si512(group.as_mut_ptr().cast(), reg);
+        }
+    }
 }

@@ -29,6 +29,9 @@ pub trait BlockFormat {
     const HAS_MINIMUM: bool;
     /// Bytes per 64 weights (K-quants: on average over a super-block).
     const PAIR_BYTES: usize = Self::BYTES * 64 / Self::VALUES;
+    /// Groups of 4 values in the span one scale covers: 8 (32 values), or 4 for Q6_K's
+    /// scales per 16. A kernel lane sums one such span (see `kernels/mod.rs`).
+    const GROUPS: usize;
 }
 
 /// 32 weights: 4-bit values, an f16 scale and an f16 minimum: `w = d * q + m`.
@@ -75,7 +78,7 @@ pub struct BlockQ6K {
 }
 
 macro_rules! block_format {
-    ($block:ty, $format:ident, values: $values:literal, bytes: $bytes:literal, offset: $offset:literal, minimum: $minimum:literal) => {
+    ($block:ty, $format:ident, values: $values:literal, bytes: $bytes:literal, offset: $offset:literal, minimum: $minimum:literal, groups: $groups:literal) => {
         // The layout GGUF files use: a mismatch would read every weight wrong.
         const _: () = assert!(std::mem::size_of::<$block>() == $bytes);
         impl BlockFormat for $block {
@@ -84,15 +87,16 @@ macro_rules! block_format {
             const BYTES: usize = $bytes;
             const OFFSET: i32 = $offset;
             const HAS_MINIMUM: bool = $minimum;
+            const GROUPS: usize = $groups;
         }
     };
 }
 
-block_format!(BlockQ4_1, Q4_1, values: 32, bytes: 20, offset: 0, minimum: true);
-block_format!(BlockQ5_0, Q5_0, values: 32, bytes: 22, offset: 16, minimum: false);
-block_format!(BlockQ8_0, Q8_0, values: 32, bytes: 34, offset: 128, minimum: false);
-block_format!(BlockQ4K, Q4K, values: 256, bytes: 144, offset: 0, minimum: true);
-block_format!(BlockQ6K, Q6K, values: 256, bytes: 210, offset: 32, minimum: false);
+block_format!(BlockQ4_1, Q4_1, values: 32, bytes: 20, offset: 0, minimum: true, groups: 8);
+block_format!(BlockQ5_0, Q5_0, values: 32, bytes: 22, offset: 16, minimum: false, groups: 8);
+block_format!(BlockQ8_0, Q8_0, values: 32, bytes: 34, offset: 128, minimum: false, groups: 8);
+block_format!(BlockQ4K, Q4K, values: 256, bytes: 144, offset: 0, minimum: true, groups: 8);
+block_format!(BlockQ6K, Q6K, values: 256, bytes: 210, offset: 32, minimum: false, groups: 4);
 
 /// Runs `$body` with `$B` bound to the block type of the [`Format`] `$format`.
 macro_rules! with_block {
@@ -145,6 +149,11 @@ impl Format {
     /// Bytes per stored block.
     pub fn block_bytes(self) -> usize {
         with_block!(self, B => B::BYTES)
+    }
+
+    /// See [`BlockFormat::GROUPS`].
+    pub fn groups(self) -> usize {
+        with_block!(self, B => B::GROUPS)
     }
 
     /// See [`BlockFormat::OFFSET`].

@@ -1,12 +1,21 @@
 //! duet's own quantized matrix products for the GGUF block formats most files are made of
-//! (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), used straight on the GGUF blocks (no repacked copy).
+//! (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K).
 //!
 //! candle runs Q4_1 and Q5_0 through scalar Rust loops; profiling SmolLM2 and Qwen2.5 showed
 //! 60-70% of generation time inside them. Here the activations are quantized to 8 bits once
-//! per product ([`activations`]), and each weight row is multiplied with up to eight of them
-//! at once by the instruction-set kernels ([`avx512`]), on all threads ([`pool`]). The block
-//! formats and their sizes are types in [`formats`]. Other formats, and CPUs without
-//! AVX-512 VNNI, go through candle's kernels (`model/weights.rs` decides).
+//! per product ([`activations`]) and each group of weight rows is unpacked once per product
+//! into a buffer ([`WeightChunk`]) that a tile of up to [`ROW_TILE`] activation rows by
+//! [`COLUMN_TILE`] columns is multiplied against ([`avx512`]), on all threads ([`pool`]).
+//!
+//! Both sides share one layout: 16 spans of values per chunk, one per 32-bit lane, a span
+//! being what one weight scale covers (32 values, or 16 for Q6_K); lane `l` holds span
+//! [`lane_span`]`(l, G)`, and register `j` of a chunk holds values `4j..4j + 4` of every
+//! lane's span. Integer sums then cover a whole span before they are scaled, so prompts
+//! (many rows against each unpacked column) cost little more than the multiply-adds; a row
+//! takes the same instructions in the same order whatever rows it is multiplied with, so
+//! answers are the same alone, batched and from the prompt cache. The block formats and
+//! their sizes are types in [`formats`]. Other formats, and CPUs without AVX-512 VNNI, go
+//! through candle's kernels (`model/weights.rs` decides).
 
 pub mod activations;
 #[cfg(target_arch = "x86_64")]
@@ -15,16 +24,81 @@ pub mod formats;
 pub mod pool;
 
 pub use activations::release_scratch;
-use activations::{ActPair, BLOCK, with_quantized};
+use activations::{ActChunk, BLOCK, chunks_per_row, with_quantized};
 pub use formats::Format;
 #[cfg(target_arch = "x86_64")]
-use formats::with_block;
-use pool::for_each_range;
+use formats::{BlockFormat, with_block};
+use pool::{ThreadBuffer, for_each_range, thread_buffer};
 
-/// Activation rows that share one unpacked pair of weight blocks.
-const ROW_TILE: usize = 8;
-/// Weight rows handed to a worker at a time.
+/// Activation rows multiplied with each column at a time.
+pub const ROW_TILE: usize = 4;
+/// Columns (weight rows) multiplied with each activation row at a time.
+pub const COLUMN_TILE: usize = 4;
+/// Weight rows unpacked by a worker at a time, for every activation row.
 const COLUMN_CHUNK: usize = 16;
+
+/// The span (of 16 per chunk) in lane `lane` of a chunk of `groups`-group spans: the
+/// order the transpose in `avx512::pack_column` leaves them in.
+pub const fn lane_span(lane: usize, groups: usize) -> usize {
+    (lane % groups) * (16 / groups) + lane / groups
+}
+
+/// Registers of a chunk holding `spans` spans of `groups` groups: all `groups` when it has
+/// more than 8 spans; a row's last chunk with fewer spans spreads each over several lanes
+/// (SmolLM2's rows of 576 values end in a chunk of 2 spans: 1 register instead of 8).
+pub const fn chunk_registers(spans: usize, groups: usize) -> usize {
+    if spans > 8 {
+        return groups;
+    }
+    let lanes_per_span = 16 / spans.next_power_of_two();
+    if lanes_per_span >= groups {
+        1
+    } else {
+        groups / lanes_per_span
+    }
+}
+
+/// Which group of which span register `reg`, lane `lane` of a chunk of `spans` spans holds
+/// (`None`: padding). Full chunks follow [`lane_span`]; in a short last chunk lane `l` holds
+/// span `l % width` (`width`: `spans` rounded up to a power of two), and its part `l / width`
+/// of the groups.
+pub const fn slot(spans: usize, groups: usize, lane: usize, reg: usize) -> Option<(usize, usize)> {
+    let registers = chunk_registers(spans, groups);
+    let (span, group) = if spans > 8 {
+        (lane_span(lane, groups), reg)
+    } else {
+        let width = spans.next_power_of_two();
+        (lane % width, lane / width * registers + reg)
+    };
+    if span < spans && group < groups && reg < registers {
+        Some((span, group))
+    } else {
+        None
+    }
+}
+
+/// One weight row's 16 spans, laid out like [`ActChunk`]: unsigned bytes (the format's
+/// offset added), each lane's scale and (Q4_1, Q4_K) minimum.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct WeightChunk<const G: usize> {
+    pub u: [[u8; 64]; G],
+    pub scale: [f32; 16],
+    pub minimum: [f32; 16],
+}
+
+impl<const G: usize> Default for WeightChunk<G> {
+    fn default() -> Self {
+        Self {
+            u: [[0; 64]; G],
+            scale: [0.0; 16],
+            minimum: [0.0; 16],
+        }
+    }
+}
+
+thread_buffer!(WeightChunk<8>);
+thread_buffer!(WeightChunk<4>);
 
 /// Whether this CPU has the instructions the kernels use.
 pub fn cpu_supported() -> bool {
@@ -67,83 +141,116 @@ pub fn matmul(
         k.is_multiple_of(block_values),
         "rows of {k} values are not whole blocks"
     );
-    let blocks_per_row = k / BLOCK;
-    let row_bytes = k / block_values * block_bytes;
     assert_eq!(
         weights.len(),
-        n * row_bytes,
+        n * (k / block_values * block_bytes),
         "weights of {n}x{k} {format:?}"
     );
     assert_eq!(lhs.len(), m * k, "activations of {m}x{k}");
     assert!(dst.len() >= m * n, "output of {m}x{n}");
+    #[cfg(target_arch = "x86_64")]
+    with_block!(format, B => product::<B, { B::GROUPS }>(weights, (m, k, n), lhs, dst));
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no kernels on this architecture; Format::for_dtype returns None");
+}
 
-    with_quantized(lhs, (m, k), format.offset(), |acts, pairs_per_row| {
+/// [`matmul`] for block format `B`, whose spans have `G` groups.
+#[cfg(target_arch = "x86_64")]
+fn product<B: BlockFormat, const G: usize>(
+    weights: &[u8],
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    dst: &mut [f32],
+) where
+    ActChunk<G>: ThreadBuffer,
+    WeightChunk<G>: ThreadBuffer,
+{
+    let blocks = k / BLOCK;
+    let row_bytes = k / B::VALUES * B::BYTES;
+    let chunks = chunks_per_row(k, G);
+    // The spans of each row's last chunk.
+    let last_spans = k / (4 * G) - 16 * (chunks - 1);
+    with_quantized::<G, _>(lhs, (m, k), B::OFFSET, |acts, _| {
         let dst_addr = dst.as_mut_ptr() as usize;
-        let chunks = n.div_ceil(COLUMN_CHUNK);
-        for_each_range(chunks, |range| {
-            let first = range.start * COLUMN_CHUNK;
-            let last = n.min(range.end * COLUMN_CHUNK);
-            let mut tile_start = 0;
-            while tile_start < m {
-                let tile = match m - tile_start {
-                    8.. => 8,
-                    4..=7 => 4,
-                    2..=3 => 2,
-                    _ => 1,
+        let row = |i: usize| &acts[i * chunks..(i + 1) * chunks];
+        // Writes the tile of rows `first_row..` and columns `first_col..` (up to `columns`).
+        let multiply =
+            |panel: &[WeightChunk<G>], first_row: usize, first_col: usize, columns: usize| {
+                let column = |c: usize| &panel[c * chunks..(c + 1) * chunks];
+                let cols: [&[WeightChunk<G>]; COLUMN_TILE] = std::array::from_fn(column);
+                let rows_left = m - first_row;
+                let rows: [&[ActChunk<G>]; ROW_TILE] =
+                    std::array::from_fn(|r| row(first_row + r.min(rows_left - 1)));
+                let shape = (chunks, last_spans);
+                // SAFETY: `cpu_supported` was asserted; every column and row holds `chunks`.
+                let sums: [[f32; COLUMN_TILE]; ROW_TILE] = unsafe {
+                    match rows_left {
+                        1 => pad(avx512::tile::<B, G, 1, COLUMN_TILE>(cols, [rows[0]], shape)),
+                        2 => pad(avx512::tile::<B, G, 2, COLUMN_TILE>(
+                            cols,
+                            [rows[0], rows[1]],
+                            shape,
+                        )),
+                        3 => pad(avx512::tile::<B, G, 3, COLUMN_TILE>(
+                            cols,
+                            [rows[0], rows[1], rows[2]],
+                            shape,
+                        )),
+                        _ => avx512::tile::<B, G, ROW_TILE, COLUMN_TILE>(cols, rows, shape),
+                    }
                 };
-                for col in first..last {
-                    let w = &weights[col * row_bytes..(col + 1) * row_bytes];
-                    let rows: [&[ActPair]; ROW_TILE] = std::array::from_fn(|r| {
-                        let i = tile_start + r.min(tile - 1);
-                        &acts[i * pairs_per_row..(i + 1) * pairs_per_row]
-                    });
-                    let sums = dot_tile(format, w, blocks_per_row, rows, tile);
-                    for (r, sum) in sums.iter().take(tile).enumerate() {
+                for (r, sums) in sums.iter().enumerate().take(rows_left.min(ROW_TILE)) {
+                    for (c, sum) in sums.iter().enumerate().take(columns) {
                         // SAFETY: each (row, column) of dst belongs to exactly one work item,
                         // and dst outlives `for_each_range`, which returns when all are done.
                         unsafe {
-                            *(dst_addr as *mut f32).add((tile_start + r) * n + col) = *sum;
+                            *(dst_addr as *mut f32).add((first_row + r) * n + first_col + c) = *sum;
                         }
                     }
                 }
-                tile_start += tile;
-            }
+            };
+        for_each_range(n.div_ceil(COLUMN_CHUNK), |groups| {
+            WeightChunk::<G>::with_buffer(|panel| {
+                for group in groups {
+                    let first = group * COLUMN_CHUNK;
+                    let columns = COLUMN_CHUNK.min(n - first);
+                    let padded = columns.div_ceil(COLUMN_TILE) * COLUMN_TILE;
+                    // `pack_column` writes every byte of a column's chunks: only the columns
+                    // that pad the last tile need zeros.
+                    if panel.len() < padded * chunks {
+                        panel.resize(padded * chunks, WeightChunk::default());
+                    }
+                    panel[columns * chunks..padded * chunks].fill(WeightChunk::default());
+                    for c in 0..columns {
+                        let w = &weights[(first + c) * row_bytes..(first + c + 1) * row_bytes];
+                        let out = &mut panel[c * chunks..(c + 1) * chunks];
+                        // SAFETY: `cpu_supported` was asserted; `w` is the whole row and `out`
+                        // holds its chunks.
+                        unsafe { avx512::pack_column::<B, G>(w, blocks, out) };
+                    }
+                    // Rows outer: a tile of activation rows stays in the L1 cache while every
+                    // column of the group passes it.
+                    for first_row in (0..m).step_by(ROW_TILE) {
+                        for tile in (0..padded).step_by(COLUMN_TILE) {
+                            let columns = (columns - tile).min(COLUMN_TILE);
+                            multiply(&panel[tile * chunks..], first_row, first + tile, columns);
+                        }
+                    }
+                }
+            });
         });
     });
 }
 
-/// Dot products of one weight row with the first `tile` (1, 2, 4 or 8) activation rows.
-fn dot_tile(
-    format: Format,
-    w: &[u8],
-    blocks: usize,
-    rows: [&[ActPair]; ROW_TILE],
-    tile: usize,
-) -> [f32; ROW_TILE] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        debug_assert!(cpu_supported());
-        // SAFETY: `matmul` asserted the CPU features and the slices' lengths.
-        unsafe {
-            with_block!(format, B => match tile {
-                1 => avx512::dot::<B, 1>(w, blocks, rows),
-                2 => avx512::dot::<B, 2>(w, blocks, rows),
-                4 => avx512::dot::<B, 4>(w, blocks, rows),
-                _ => avx512::dot::<B, 8>(w, blocks, rows),
-            })
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (format, w, blocks, rows, tile);
-        unreachable!("no kernels on this architecture; Format::for_dtype returns None")
-    }
+/// A smaller tile's sums in a full tile's array.
+fn pad<const R: usize>(sums: [[f32; COLUMN_TILE]; R]) -> [[f32; COLUMN_TILE]; ROW_TILE] {
+    std::array::from_fn(|r| if r < R { sums[r] } else { [0.0; COLUMN_TILE] })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::student::kernels::activations::{ActPair, quantize_row};
+    use crate::student::kernels::activations::quantize_row;
     use candle_core::quantized::k_quants::{self, GgmlType};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
@@ -170,69 +277,89 @@ mod tests {
             GgmlDType::Q6K,
         ] {
             let format = Format::for_dtype(dtype).unwrap();
-            // 96 values = 3 blocks: a whole pair and a lone last block; K-quants come in
-            // super-blocks of 256: two of them.
-            let k = if format.block_values() == 256 {
-                512
+            // 96 values = 3 blocks: a whole pair and a lone last block, in one partly filled
+            // chunk; 1,120 fill two chunks and part of a third. K-quants come in super-blocks
+            // of 256: two (one chunk of 32-value spans, two of Q6_K's 16-value ones) or three.
+            let lengths = if format.block_values() == 256 {
+                [512, 768]
             } else {
-                96
+                [96, 1120]
             };
-            // Magnitudes change every 16 values, so that every scale matters.
-            let values: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * (1 + i / 16 % 5) as f32)
-                .collect();
-            let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&dense, dtype).unwrap();
-            let bytes = q.data().unwrap().to_vec();
-            let reference = q.dequantize(&Device::Cpu).unwrap();
-            for m in 1..=17 {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i as f32) * 0.37).sin() + 0.3)
+            for k in lengths {
+                // Magnitudes change every 16 values, so that every scale matters.
+                let values: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * (1 + i / 16 % 5) as f32)
                     .collect();
-                let mut ours = vec![0f32; m * n];
-                matmul(format, &bytes, (m, k, n), &x, &mut ours);
-                let mut candles = vec![0f32; m * n];
-                match dtype {
-                    GgmlDType::Q4_1 => {
-                        candle_product::<k_quants::BlockQ4_1>(&bytes, (m, k, n), &x, &mut candles)
+                let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&dense, dtype).unwrap();
+                let bytes = q.data().unwrap().to_vec();
+                let reference = q.dequantize(&Device::Cpu).unwrap();
+                for m in 1..=17 {
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|i| ((i as f32) * 0.37).sin() + 0.3)
+                        .collect();
+                    let mut ours = vec![0f32; m * n];
+                    matmul(format, &bytes, (m, k, n), &x, &mut ours);
+                    let mut candles = vec![0f32; m * n];
+                    match dtype {
+                        GgmlDType::Q4_1 => candle_product::<k_quants::BlockQ4_1>(
+                            &bytes,
+                            (m, k, n),
+                            &x,
+                            &mut candles,
+                        ),
+                        GgmlDType::Q5_0 => candle_product::<k_quants::BlockQ5_0>(
+                            &bytes,
+                            (m, k, n),
+                            &x,
+                            &mut candles,
+                        ),
+                        GgmlDType::Q8_0 => candle_product::<k_quants::BlockQ8_0>(
+                            &bytes,
+                            (m, k, n),
+                            &x,
+                            &mut candles,
+                        ),
+                        GgmlDType::Q4K => candle_product::<k_quants::BlockQ4K>(
+                            &bytes,
+                            (m, k, n),
+                            &x,
+                            &mut candles,
+                        ),
+                        _ => candle_product::<k_quants::BlockQ6K>(
+                            &bytes,
+                            (m, k, n),
+                            &x,
+                            &mut candles,
+                        ),
                     }
-                    GgmlDType::Q5_0 => {
-                        candle_product::<k_quants::BlockQ5_0>(&bytes, (m, k, n), &x, &mut candles)
+                    let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+                    let expected = xt.matmul(&reference.t().unwrap()).unwrap();
+                    let mass = xt
+                        .abs()
+                        .unwrap()
+                        .matmul(&reference.abs().unwrap().t().unwrap())
+                        .unwrap();
+                    let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let mass = mass.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    for (i, ((a, b), s)) in ours.iter().zip(&expected).zip(&mass).enumerate() {
+                        // 8-bit activations: each product may be off by ~0.4% of its mass.
+                        assert!(
+                            (a - b).abs() <= 0.01 * s,
+                            "{dtype:?} k={k} m={m} element {i}: {a} vs {b} (mass {s})"
+                        );
+                        // candle quantizes K-quant activations per 256 values, duet per 32.
+                        let close = if format.block_values() == 256 {
+                            1e-2
+                        } else {
+                            1e-3
+                        };
+                        let c = candles[i];
+                        assert!(
+                            (a - c).abs() <= close * s,
+                            "{dtype:?} k={k} m={m} element {i}: {a} vs candle's {c} (mass {s})"
+                        );
                     }
-                    GgmlDType::Q8_0 => {
-                        candle_product::<k_quants::BlockQ8_0>(&bytes, (m, k, n), &x, &mut candles)
-                    }
-                    GgmlDType::Q4K => {
-                        candle_product::<k_quants::BlockQ4K>(&bytes, (m, k, n), &x, &mut candles)
-                    }
-                    _ => candle_product::<k_quants::BlockQ6K>(&bytes, (m, k, n), &x, &mut candles),
-                }
-                let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
-                let expected = xt.matmul(&reference.t().unwrap()).unwrap();
-                let mass = xt
-                    .abs()
-                    .unwrap()
-                    .matmul(&reference.abs().unwrap().t().unwrap())
-                    .unwrap();
-                let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let mass = mass.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                for (i, ((a, b), s)) in ours.iter().zip(&expected).zip(&mass).enumerate() {
-                    // 8-bit activations: each product may be off by ~0.4% of its mass.
-                    assert!(
-                        (a - b).abs() <= 0.01 * s,
-                        "{dtype:?} m={m} element {i}: {a} vs {b} (mass {s})"
-                    );
-                    // candle quantizes K-quant activations per 256 values, duet per 32.
-                    let close = if format.block_values() == 256 {
-                        1e-2
-                    } else {
-                        1e-3
-                    };
-                    let c = candles[i];
-                    assert!(
-                        (a - c).abs() <= close * s,
-                        "{dtype:?} m={m} element {i}: {a} vs candle's {c} (mass {s})"
-                    );
                 }
             }
         }
@@ -255,23 +382,88 @@ mod tests {
         candle_core::quantized::k_quants::matmul(mkn, x, &blocks, dst).unwrap();
     }
 
+    /// A row's products are the same bits alone (decoding) as beside other rows (a prompt,
+    /// a batch), whatever its place in a tile.
+    #[test]
+    fn a_rows_products_do_not_depend_on_the_rows_beside_it() {
+        if !cpu_supported() {
+            return;
+        }
+        let (n, k) = (21, 896);
+        let values: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 30.0)
+            .collect();
+        let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&dense, GgmlDType::Q5_0).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        let format = Format::for_dtype(GgmlDType::Q5_0).unwrap();
+        let m = 11;
+        let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.11).cos()).collect();
+        let mut together = vec![0f32; m * n];
+        matmul(format, &bytes, (m, k, n), &x, &mut together);
+        for i in 0..m {
+            let mut alone = vec![0f32; n];
+            matmul(
+                format,
+                &bytes,
+                (1, k, n),
+                &x[i * k..(i + 1) * k],
+                &mut alone,
+            );
+            assert_eq!(alone, together[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
     #[test]
     fn quantized_rows_carry_scales_and_offset_sums_per_lane() {
-        let x: Vec<f32> = (0..96).map(|i| i as f32 - 20.0).collect();
-        let mut out = [ActPair::default(); 2];
-        out[1].qs = [5; 64]; // stale values from an earlier product
-        out[1].scale = [1.0; 16];
-        quantize_row(&x, 16, &mut out);
-        assert_eq!(out[0].qs[0], -127); // -20 is the largest magnitude of the first block
-        assert!((out[0].scale[7] - 20.0 / 127.0).abs() < 1e-4);
-        assert!((out[0].scale[8] - 43.0 / 127.0).abs() < 1e-4); // second block: up to 43
-        let lane: i32 = out[0].qs[4..8].iter().map(|&q| q as i32).sum();
-        assert_eq!(out[0].offset_start[1], -16 * lane);
-        let block: i32 = out[1].qs[..32].iter().map(|&q| q as i32).sum();
-        let scaled_sum = out[1].scale[3] * block as f32; // both sides rounded to f16
-        assert!((out[1].mean_term[3] * 8.0 - scaled_sum).abs() <= 2e-3 * scaled_sum.abs());
-        // Three blocks: the last pair's second half stays empty.
-        assert_eq!(out[1].qs[32..], [0; 32]);
-        assert_eq!(out[1].scale[8..], [0.0; 8]);
+        // 608 values: a full chunk of 16 spans of 32, then a short one of 3 spans.
+        let x: Vec<f32> = (0..608).map(|i| (i % 200) as f32 - 20.0).collect();
+        let mut out = [ActChunk::<8>::default(); 2];
+        out[1].qs[3] = [5; 64]; // stale values from an earlier product
+        quantize_row(&x, 16, &mut Vec::new(), &mut out);
+        let (full, short) = (&out[0], &out[1]);
+        // Lane 0 holds span 0, lane 8 span 1, lane 1 span 2 (the transpose's order).
+        assert_eq!(
+            [lane_span(0, 8), lane_span(8, 8), lane_span(1, 8)],
+            [0, 1, 2]
+        );
+        assert_eq!(full.qs[0][0], -127); // -20 is the largest magnitude of the first block
+        assert!((full.scale[0] - 20.0 / 127.0).abs() < 1e-4);
+        assert!((full.scale[8] - 43.0 / 127.0).abs() < 1e-4); // second block: up to 43
+        // Register 1, lane 8: values 4..8 of the second block (16..20 as numbers).
+        let expected: Vec<i8> = (16..20)
+            .map(|v: i32| (v as f32 * 127.0 / 43.0).round() as i8)
+            .collect();
+        assert_eq!(full.qs[1][32..36], expected[..]);
+        let lane_sum = |chunk: &ActChunk<8>, lane: usize| -> i32 {
+            (0..8)
+                .map(|j| {
+                    chunk.qs[j][4 * lane..4 * lane + 4]
+                        .iter()
+                        .map(|&q| q as i32)
+                        .sum::<i32>()
+                })
+                .sum()
+        };
+        let block = lane_sum(full, 8);
+        assert_eq!(full.offset[8], -16 * block);
+        let scaled_sum = full.scale[8] * block as f32; // both sides rounded to f16
+        assert!((full.mean[8] - scaled_sum).abs() <= 2e-3 * scaled_sum.abs());
+
+        // The short chunk: spans 16..19 of the row in lanes `l % 4`, each over four lanes
+        // of two registers.
+        assert_eq!(chunk_registers(3, 8), 2);
+        assert_eq!(slot(3, 8, 5, 0), Some((1, 2)));
+        // Lane 1, register 1: values 4..8 of span 17 (row values 548..552).
+        let inverse = 1.0 / (155.0 / 127.0); // the block's largest value: 155
+        let expected: Vec<i8> = x[548..552]
+            .iter()
+            .map(|v| (v * inverse).round() as i8)
+            .collect();
+        assert_eq!(short.qs[1][4..8], expected[..]);
+        assert_eq!(short.offset[1], -16 * lane_sum(short, 1));
+        // Lane 3 (a fourth span) and registers past the second are padding.
+        assert_eq!(short.scale[3], 0.0);
+        assert!(short.qs[2..].iter().all(|reg| reg.iter().all(|&q| q == 0)));
     }
 }

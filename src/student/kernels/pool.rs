@@ -39,6 +39,33 @@ pub(crate) unsafe fn item_slice<'a, T>(base: usize, start: usize, len: usize) ->
     unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), len) }
 }
 
+/// A per-thread buffer of `Self` values, reused from product to product: products run for
+/// every layer of every token, and a fresh allocation each time would be one per layer.
+pub trait ThreadBuffer: Sized + Copy + Default + 'static {
+    fn with_buffer<R>(work: impl FnOnce(&mut Vec<Self>) -> R) -> R;
+
+    /// Frees this thread's buffer (the model is being unloaded).
+    fn release() {
+        Self::with_buffer(|buffer| *buffer = Vec::new());
+    }
+}
+
+/// Implements [`ThreadBuffer`] for `$t` with a `thread_local!` of its own.
+macro_rules! thread_buffer {
+    ($t:ty) => {
+        impl $crate::student::kernels::pool::ThreadBuffer for $t {
+            fn with_buffer<R>(work: impl FnOnce(&mut Vec<Self>) -> R) -> R {
+                thread_local! {
+                    static BUFFER: std::cell::RefCell<Vec<$t>> =
+                        const { std::cell::RefCell::new(Vec::new()) };
+                }
+                BUFFER.with(|cell| work(&mut cell.borrow_mut()))
+            }
+        }
+    };
+}
+pub(crate) use thread_buffer;
+
 #[cfg(test)]
 mod tests {
     use super::*;
