@@ -6,8 +6,10 @@
 //! prints each product's rate and its share of that peak.
 //!
 //! ```text
-//! cargo run --release --example prefill_peak -- models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+//! cargo run --release --example prefill_peak -- models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf [ROWS]
 //! ```
+//!
+//! ROWS (default: a prefill pass's) changes the number of rows: 1 is a decoding step.
 
 use std::fs::File;
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use duet::student::model::weights::QuantMatrix;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
         .nth(1)
-        .ok_or("usage: prefill_peak MODEL.gguf")?;
+        .ok_or("usage: prefill_peak MODEL.gguf [ROWS]")?;
     let threads = std::thread::available_parallelism()?.get();
     let peak = int8_peak(threads);
     println!(
@@ -35,8 +37,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|n| n.starts_with("blk.0.") && n.ends_with(".weight"))
         .collect();
     names.sort();
-    let m = MAX_PREFILL_ROWS;
-    println!("{m} prompt rows against each matrix of layer 0 of {path}:");
+    let m = match std::env::args().nth(2) {
+        Some(rows) => rows.parse()?,
+        None => MAX_PREFILL_ROWS,
+    };
+    println!("{m} rows against each matrix of layer 0 of {path}:");
     println!(
         "{:<24} {:>6} {:>12} {:>9} {:>8}",
         "matrix", "format", "k x n", "GOPS", "of peak"

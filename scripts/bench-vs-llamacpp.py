@@ -12,7 +12,13 @@ Then, per server: the prompt cache (time to first token of a ~1,000-token conver
 second turn over its first) and concurrency (aggregate tok/s of 4 simultaneous streams of 128
 tokens over one stream alone, short prompts).
 
-usage: scripts/bench-vs-llamacpp.py [--rounds 5] [--threads 2] MODEL.gguf...
+Then a prompt-length sweep (--lengths, ~500, ~1,500 and ~3,500 tokens by default): fresh
+prompts of each length, one generated token, alternating servers; prefill tok/s of both, the
+ratio, and each server's rate as a share of its own rate at the shortest length.
+--sweep-only skips everything before it; --duet names another duet binary.
+
+usage: scripts/bench-vs-llamacpp.py [--rounds 5] [--threads 2] [--lengths 500,1500,3500]
+                                    [--sweep-only] [--duet PATH] MODEL.gguf...
 """
 
 import argparse
@@ -46,6 +52,10 @@ def ensure_llamacpp():
         print("installing llama-cpp-python[server] (compiles llama.cpp, ~5 min)...", file=sys.stderr)
         subprocess.check_call([python, "-m", "pip", "install", "-q", "llama-cpp-python[server]==0.3.36"])
     return python
+
+
+# Tokens per PARAGRAPH with either model's tokenizer (about 51), to size the sweep's prompts.
+TOKENS_PER_PARAGRAPH = 51
 
 
 def prompt_for(prefix, paragraphs=8):
@@ -97,25 +107,52 @@ def aggregate_rate(port, model, tag, streams):
     return tokens / (max(r[1][-1] for r in results if r[1]) - min(r[0] for r in results))
 
 
-def bench(model_path, rounds, threads, llama_python):
+def prompt_tokens(port, name, prompt):
+    """The prompt's token count as duet's tokenizer sees it (chat template included)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request("POST", "/v1/chat/completions", json.dumps({"model": name, "max_tokens": 1,
+              "messages": [{"role": "user", "content": prompt}]}), {"Content-Type": "application/json"})
+    return json.loads(c.getresponse().read())["usage"]["prompt_tokens"]
+
+
+def sweep(dp, lp, name, lengths, rounds):
+    """Median prefill tok/s of both servers for fresh prompts of about each length."""
+    rows = []
+    for target in lengths:
+        paragraphs = max(1, round(target / TOKENS_PER_PARAGRAPH))
+        tokens = prompt_tokens(dp, name, prompt_for(f"sweep {target} size", paragraphs))
+        rates = {"duet": [], "llama.cpp": []}
+        for i in range(rounds):
+            order = [(dp, "duet"), (lp, "llama.cpp")] if i % 2 == 0 else [(lp, "llama.cpp"), (dp, "duet")]
+            for port, who in order:
+                start, stamps, _ = stream(port, name, [{"role": "user", "content": prompt_for(
+                    f"sweep {target} round {i} {who}", paragraphs)}], 1)
+                rates[who].append(tokens / (stamps[0] - start))
+        rows.append((tokens, statistics.median(rates["duet"]), statistics.median(rates["llama.cpp"])))
+    return rows
+
+
+def bench(model_path, rounds, threads, llama_python, lengths, sweep_only, duet_binary):
     name = os.path.basename(model_path).removesuffix(".gguf")
     dp, lp = free_port(), free_port()
     env = {**os.environ, "RUST_LOG": "warn", "DUET_STUDENT_THREADS": str(threads)}
-    duet = subprocess.Popen([DUET, "serve", "--port", str(dp), "--model", model_path],
+    duet = subprocess.Popen([duet_binary, "serve", "--port", str(dp), "--model", model_path],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     llama = subprocess.Popen([llama_python, "-m", "llama_cpp.server", "--model", model_path, "--port", str(lp),
                               "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                              "--n_ctx", "2048", "--verbose", "false",
+                              "--n_ctx", str(max(2048, max(lengths) + 512)), "--verbose", "false",
                               # queue concurrent requests instead of cutting the running one
                               "--interrupt_requests", "false"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(dp, duet)
         wait_http(lp, llama, seconds=120)
-        # The prompt's token count, as duet's tokenizer sees it, for the prefill rate.
-        results = {"duet": [], "llama.cpp": []}
         for port, who in [(dp, "duet"), (lp, "llama.cpp")]:
             round_trip(port, name, "warm-up", 4)
+        lengths_rows = sweep(dp, lp, name, lengths, rounds)
+        if sweep_only:
+            return name, None, None, None, None, lengths_rows
+        results = {"duet": [], "llama.cpp": []}
         for i in range(rounds):
             for port, who in [(dp, "duet"), (lp, "llama.cpp")] if i % 2 == 0 else [(lp, "llama.cpp"), (dp, "duet")]:
                 start, stamps = round_trip(port, name, f"round {i} {who}", 128)
@@ -125,11 +162,8 @@ def bench(model_path, rounds, threads, llama_python):
             turns[who] = conversation(port, name, f"conversation {who}")
             single = aggregate_rate(port, name, f"single {who}", 1)
             concurrency[who] = (single, aggregate_rate(port, name, f"four {who}", 4))
-        c = http.client.HTTPConnection("127.0.0.1", dp, timeout=60)
-        prompt = f"Note round 0 duet. " + PARAGRAPH * 8 + "Summarise the notes above in a few sentences."
-        c.request("POST", "/v1/chat/completions", json.dumps({"model": name, "max_tokens": 1,
-                  "messages": [{"role": "user", "content": prompt}]}), {"Content-Type": "application/json"})
-        prompt_tokens = json.loads(c.getresponse().read())["usage"]["prompt_tokens"]
+        # The prompt's token count, as duet's tokenizer sees it, for the prefill rate.
+        tokens = prompt_tokens(dp, name, prompt_for("round 0 duet"))
         peaks = {"duet": proc_kib(duet.pid, "VmHWM"), "llama.cpp": proc_kib(llama.pid, "VmHWM")}
     finally:
         duet.terminate()
@@ -139,24 +173,45 @@ def bench(model_path, rounds, threads, llama_python):
     rows = {}
     for who, rs in results.items():
         ttft = statistics.median(r[0] for r in rs)
-        rows[who] = (ttft * 1000, prompt_tokens / ttft, statistics.median(r[1] for r in rs), peaks[who] / 1024)
-    return name, prompt_tokens, rows, turns, concurrency
+        rows[who] = (ttft * 1000, tokens / ttft, statistics.median(r[1] for r in rs), peaks[who] / 1024)
+    return name, tokens, rows, turns, concurrency, lengths_rows
+
+
+def print_sweep(out, lengths):
+    print(f"\nPrompt-length sweep: fresh prompts, 1 generated token; prefill tok/s duet / llama.cpp (ratio); "
+          f"in brackets each server's rate over its own at ~{lengths[0]} tokens.\n")
+    print("| model | prompt tok | prefill tok/s duet / llama.cpp (ratio) | duet vs its shortest | llama.cpp vs its shortest |")
+    print("|---|---|---|---|---|")
+    for name, *_, rows in out:
+        (_, d0, l0) = rows[0]
+        for tokens, d, l in rows:
+            print(f"| {name} | {tokens} | {d:.0f} / {l:.0f} ({d / l:.2f}x) | {d / d0:.2f} | {l / l0:.2f} |")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lengths", default="500,1500,3500",
+                    help="prompt lengths of the sweep, in tokens, comma-separated")
+    ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--duet", default=DUET, help="the duet binary")
     ap.add_argument("models", nargs="+")
     args = ap.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
     llama_python = ensure_llamacpp()
-    out = [bench(m, args.rounds, args.threads, llama_python) for m in args.models]
-    print(f"{args.threads} threads, {args.rounds} alternating rounds, medians; greedy, streamed over HTTP, "
-          f"128 generated tokens; llama.cpp = llama-cpp-python 0.3.36 server\n")
+    out = [bench(m, args.rounds, args.threads, llama_python, lengths, args.sweep_only, args.duet)
+           for m in args.models]
+    print(f"{args.threads} threads, {args.rounds} alternating rounds, medians; greedy, streamed over HTTP; "
+          f"llama.cpp = llama-cpp-python 0.3.36 server")
+    if args.sweep_only:
+        print_sweep(out, lengths)
+        return
+    print("128 generated tokens\n")
     print("| model | prompt tok | TTFT ms duet / llama.cpp | prefill tok/s duet / llama.cpp (ratio) "
           "| decode tok/s duet / llama.cpp (ratio) | peak RSS MB duet / llama.cpp |")
     print("|---|---|---|---|---|---|")
-    for name, pt, r, _, _ in out:
+    for name, pt, r, *_ in out:
         d, l = r["duet"], r["llama.cpp"]
         print(f"| {name} | {pt} | {d[0]:.0f} / {l[0]:.0f} | {d[1]:.0f} / {l[1]:.0f} ({d[1] / l[1]:.2f}x) | "
               f"{d[2]:.1f} / {l[2]:.1f} ({d[2] / l[2]:.2f}x) | {d[3]:.0f} / {l[3]:.0f} |")
@@ -164,7 +219,7 @@ def main():
     print("Concurrency: aggregate tok/s of 4 simultaneous 128-token streams over 1 stream alone.\n")
     print("| model | turn 2 / turn 1 TTFT ms duet | llama.cpp | 4 streams / 1 stream tok/s duet | llama.cpp |")
     print("|---|---|---|---|---|")
-    for name, _, _, turns, conc in out:
+    for name, _, _, turns, conc, _ in out:
         cells = []
         for who in ("duet", "llama.cpp"):
             t1, t2 = turns[who]
@@ -173,6 +228,7 @@ def main():
             one, four = conc[who]
             cells.append(f"{four:.1f} / {one:.1f} ({four / one:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print_sweep(out, lengths)
 
 
 if __name__ == "__main__":

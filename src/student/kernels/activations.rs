@@ -2,16 +2,16 @@
 //! rounded to f16 as llama.cpp does), laid out the way the kernels read them, in a buffer
 //! reused from product to product.
 
+use super::lane_span;
 use super::pool::{ThreadBuffer, for_each_range, item_slice, thread_buffer};
-use super::{lane_span, slot};
 
 /// Values per activation block (and per block of the 32-value formats).
 pub const BLOCK: usize = 32;
 
-/// Sixteen spans of `4 * G` activations quantized to signed bytes, laid out as
-/// [`slot`](super::slot) says: in a full chunk each 32-bit lane of a 512-bit register holds
-/// one span and register `j` values `4j..4j + 4` of every lane's span, so `G` multiply-adds
-/// leave each lane with its whole span's dot product.
+/// Sixteen spans of `4 * G` activations quantized to signed bytes: each 32-bit lane of a
+/// 512-bit register holds one span ([`lane_span`]), and register `j` values `4j..4j + 4` of
+/// every lane's span, so `G` multiply-adds leave each lane with its whole span's dot product
+/// (in value order instead for the decoding kernel).
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 pub struct ActChunk<const G: usize> {
@@ -41,12 +41,14 @@ pub fn chunks_per_row(k: usize, groups: usize) -> usize {
 }
 
 /// Quantizes one row of activations the way llama.cpp's Q8_0/Q8_1 do (scale = max |x| / 127),
-/// with `offset` the weights' constant offset, into `out` (`chunks_per_row` chunks); `q` is
-/// scratch space. Spans past the row's end are zeroed, so they add nothing whatever the
+/// with `offset` the weights' constant offset, into `out` (`chunks_per_row` chunks):
+/// `interleaved` for the prompt kernel, in value order for the decoding one; `q` is scratch
+/// space. Spans past the row's end are zeroed, so they add nothing whatever the
 /// weights hold there.
 pub fn quantize_row<const G: usize>(
     x: &[f32],
     offset: i32,
+    interleaved: bool,
     q: &mut Vec<i8>,
     out: &mut [ActChunk<G>],
 ) {
@@ -72,38 +74,33 @@ pub fn quantize_row<const G: usize>(
         .collect();
     for (c, chunk) in out.iter_mut().enumerate() {
         let chunk_spans = (spans - 16 * c).min(16);
-        if chunk_spans == 16 {
-            interleave(&q[c * 64 * G..(c + 1) * 64 * G], &mut chunk.qs);
-            for lane in 0..16 {
-                let s = 16 * c + lane_span(lane, G);
-                let (rounded, d) = block_d[s * span / BLOCK];
-                chunk.scale[lane] = rounded;
-                chunk.offset[lane] = -offset * span_sums[s];
-                chunk.mean[lane] = f16_round(d * span_sums[s] as f32);
+        let values = &q[c * 64 * G..(c * 64 * G + 64 * G).min(k)];
+        if interleaved && chunk_spans == 16 {
+            interleave(values, &mut chunk.qs);
+        } else {
+            // Value order (decoding), or a last chunk with missing spans: zeros pad it.
+            let mut padded = [0i8; 512];
+            padded[..values.len()].copy_from_slice(values);
+            if interleaved {
+                interleave(&padded[..64 * G], &mut chunk.qs);
+            } else {
+                for (group, bytes) in chunk.qs.iter_mut().zip(padded.chunks_exact(64)) {
+                    group.copy_from_slice(bytes);
+                }
             }
-            continue;
         }
         for lane in 0..16 {
-            let mut sum = 0;
-            let mut first = None;
-            for (reg, group) in chunk.qs.iter_mut().enumerate() {
-                let bytes = &mut group[4 * lane..4 * lane + 4];
-                match slot(chunk_spans, G, lane, reg) {
-                    Some((s, g)) => {
-                        let start = (16 * c + s) * span + 4 * g;
-                        bytes.copy_from_slice(&q[start..start + 4]);
-                        sum += bytes.iter().map(|&v| v as i32).sum::<i32>();
-                        first.get_or_insert(start);
-                    }
-                    None => bytes.fill(0),
+            let s = 16 * c + lane_span(lane, G);
+            (chunk.scale[lane], chunk.offset[lane], chunk.mean[lane]) = match s < spans {
+                true => {
+                    let (rounded, d) = block_d[s * span / BLOCK];
+                    (
+                        rounded,
+                        -offset * span_sums[s],
+                        f16_round(d * span_sums[s] as f32),
+                    )
                 }
-            }
-            (chunk.scale[lane], chunk.offset[lane], chunk.mean[lane]) = match first {
-                Some(start) => {
-                    let (rounded, d) = block_d[start / BLOCK];
-                    (rounded, -offset * sum, f16_round(d * sum as f32))
-                }
-                None => (0.0, 0, 0.0),
+                false => (0.0, 0, 0.0),
             };
         }
     }
@@ -152,11 +149,12 @@ thread_buffer!(ActChunk<8>);
 thread_buffer!(ActChunk<4>);
 
 /// Quantizes the `m` rows of `k` values in `lhs` (a prompt's rows on all threads) with the
-/// weights' constant `offset`, and runs `work` on them: `chunks_per_row` chunks per row.
+/// weights' constant `offset` (`interleaved`: see [`quantize_row`]), and runs `work` on them: `chunks_per_row` chunks per row.
 pub fn with_quantized<const G: usize, R>(
     lhs: &[f32],
     (m, k): (usize, usize),
     offset: i32,
+    interleaved: bool,
     work: impl FnOnce(&[ActChunk<G>], usize) -> R,
 ) -> R
 where
@@ -172,7 +170,7 @@ where
                 .chunks_exact(k)
                 .zip(out.chunks_exact_mut(per_row))
             {
-                quantize_row(row, offset, &mut q, out);
+                quantize_row(row, offset, interleaved, &mut q, out);
             }
         };
         if m == 1 {

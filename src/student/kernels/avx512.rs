@@ -8,9 +8,9 @@
 
 use std::arch::x86_64::*;
 
+use super::WeightChunk;
 use super::activations::{ActChunk, BLOCK};
 use super::formats::{BlockFormat, Format};
-use super::{WeightChunk, chunk_registers, slot};
 
 /// Reads a little-endian f16 at `p`.
 ///
@@ -58,10 +58,14 @@ unsafe fn join(a: __m256i, b: __m256i) -> __m512i {
 /// blocks) of weight row `w` in format `B`, as 64 unsigned bytes in value order.
 ///
 /// # Safety
-/// `w` must hold the whole row (`blocks` 32-value blocks of `B`) and the CPU must have the
-/// features `pack_column` enables.
+/// `w` must hold the whole row (`blocks` 32-value blocks of `B`; with `WHOLE`, both blocks
+/// of the pair) and the CPU must have the features `pack_column` enables.
 #[inline(always)]
-unsafe fn unpack<B: BlockFormat>(w: *const u8, pair: usize, blocks: usize) -> __m512i {
+unsafe fn unpack<B: BlockFormat, const WHOLE: bool>(
+    w: *const u8,
+    pair: usize,
+    blocks: usize,
+) -> __m512i {
     // SAFETY: every read stays inside the pair's blocks (the second block of a pair only
     // when `2 * pair + 1 < blocks`), which the caller vouches are in `w`.
     unsafe {
@@ -69,7 +73,8 @@ unsafe fn unpack<B: BlockFormat>(w: *const u8, pair: usize, blocks: usize) -> __
             // Q4_1, Q5_0, Q8_0: two consecutive blocks of 32.
             Format::Q4_1 | Format::Q5_0 | Format::Q8_0 => {
                 let p = w.add(2 * pair * B::BYTES);
-                let second = (2 * pair + 1 < blocks).then(|| p.add(B::BYTES));
+                // `WHOLE`: the caller knows the second block is there (no branch for it).
+                let second = (WHOLE || 2 * pair + 1 < blocks).then(|| p.add(B::BYTES));
                 match B::FORMAT {
                     Format::Q4_1 => nibbles(p.add(4), second.map(|q| q.add(4))),
                     Format::Q5_0 => {
@@ -160,6 +165,78 @@ unsafe fn span_scale<B: BlockFormat>(w: *const u8, span: usize) -> (f32, f32) {
     }
 }
 
+/// The scales and minimums of chunk `c`'s first `spans` (9 to 16) spans in lane order
+/// ([`super::lane_span`]); zero past them. Gathered 16 at a time: one scalar extraction
+/// per span cost as much as the rest of unpacking when decoding.
+///
+/// # Safety
+/// The chunk's spans must lie inside the row at `w`; the CPU must have AVX-512 F and F16C.
+#[inline(always)]
+unsafe fn span_scales<B: BlockFormat, const G: usize>(
+    w: *const u8,
+    c: usize,
+    spans: usize,
+) -> (__m512, __m512) {
+    let in_row = ((1u32 << spans) - 1) as u16;
+    // Lane `l` holds span `lane_span(l)`: the mask of lanes whose span exists.
+    let mut mask = 0u16;
+    for lane in 0..16 {
+        if in_row & (1 << super::lane_span(lane, G)) != 0 {
+            mask |= 1 << lane;
+        }
+    }
+    // SAFETY: every gathered or loaded byte belongs to a span below `spans` of chunk `c`,
+    // which the caller vouches lie in the row.
+    unsafe {
+        match B::FORMAT {
+            Format::Q4_1 | Format::Q5_0 | Format::Q8_0 => {
+                // Each block starts with its f16 scale (Q4_1: then its f16 minimum).
+                let offsets: [i32; 16] =
+                    std::array::from_fn(|l| (super::lane_span(l, G) * B::BYTES) as i32);
+                let base = w.add(c * 16 * B::BYTES);
+                let words = _mm512_mask_i32gather_epi32::<1>(
+                    _mm512_setzero_si512(),
+                    mask,
+                    _mm512_loadu_si512(offsets.as_ptr().cast()),
+                    base.cast(),
+                );
+                let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
+                let minimum = if B::HAS_MINIMUM {
+                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words)))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                (scale, minimum)
+            }
+            Format::Q4K => {
+                let mut scale = [0f32; 16];
+                let mut minimum = [0f32; 16];
+                for lane in 0..16 {
+                    if mask & (1 << lane) != 0 {
+                        (scale[lane], minimum[lane]) =
+                            span_scale::<B>(w, c * 16 + super::lane_span(lane, G));
+                    }
+                }
+                (
+                    _mm512_loadu_ps(scale.as_ptr()),
+                    _mm512_loadu_ps(minimum.as_ptr()),
+                )
+            }
+            Format::Q6K => {
+                // One super-block per chunk: 16 signed scales in span order, then `d`.
+                let sb = w.add(c * B::BYTES);
+                let scales =
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sb.add(192).cast())));
+                let order: [i32; 16] = std::array::from_fn(|l| super::lane_span(l, G) as i32);
+                let in_lanes =
+                    _mm512_permutexvar_ps(_mm512_loadu_si512(order.as_ptr().cast()), scales);
+                let d = _mm512_set1_ps(f16_at(sb.add(208)));
+                (_mm512_maskz_mul_ps(mask, in_lanes, d), _mm512_setzero_ps())
+            }
+        }
+    }
+}
+
 /// Sub-block `j`'s 6-bit scale and minimum from a Q4_K super-block's 12 packed bytes.
 #[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
@@ -243,64 +320,83 @@ pub unsafe fn pack_column<B: BlockFormat, const G: usize>(
     out: &mut [WeightChunk<G>],
 ) {
     debug_assert_eq!(G, B::GROUPS);
-    let pairs = blocks.div_ceil(2);
-    let spans = blocks * 32 / (4 * G);
-    let w = w.as_ptr();
     for (c, chunk) in out.iter_mut().enumerate() {
-        let chunk_spans = (spans - 16 * c).min(16);
-        // SAFETY: `unpack` and `span_scale` read only pairs and spans inside the row; the
-        // stores go to `chunk`'s own registers.
-        unsafe {
-            // Decoding is bound by reading weights: ask for the bytes a few pairs ahead
-            // (past the row's end lies the next row, or nothing a prefetch minds).
-            let ahead = w.wrapping_add(c * G * B::PAIR_BYTES + PREFETCH_AHEAD);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-            let natural: [__m512i; G] = std::array::from_fn(|p| {
-                let pair = c * G + p;
-                if pair < pairs {
-                    unpack::<B>(w, pair, blocks)
-                } else {
-                    _mm512_setzero_si512()
-                }
-            });
-            if chunk_spans > 8 {
-                for (group, reg) in chunk.u.iter_mut().zip(transpose(natural)) {
-                    _mm512_store_si512(group.as_mut_ptr().cast(), reg);
-                }
-            } else {
-                // A short last chunk: placed group by group where `slot` says.
-                let mut values = [[0u8; 64]; G];
-                for (bytes, reg) in values.iter_mut().zip(natural) {
-                    _mm512_storeu_si512(bytes.as_mut_ptr().cast(), reg);
-                }
-                let values = values.as_flattened();
-                for (reg, group) in chunk.u.iter_mut().enumerate() {
-                    for lane in 0..16 {
-                        let bytes = &mut group[4 * lane..4 * lane + 4];
-                        match slot(chunk_spans, G, lane, reg) {
-                            Some((s, g)) => {
-                                let start = s * 4 * G + 4 * g;
-                                bytes.copy_from_slice(&values[start..start + 4]);
-                            }
-                            None => bytes.fill(0),
-                        }
-                    }
-                }
-            }
-            for lane in 0..16 {
-                let (scale, minimum) = match slot(chunk_spans, G, lane, 0) {
-                    Some((s, _)) => span_scale::<B>(w, c * 16 + s),
-                    None => (0.0, 0.0),
-                };
-                chunk.scale[lane] = scale;
-                chunk.minimum[lane] = minimum;
-            }
+        // SAFETY: the caller vouches for the row and the features.
+        unsafe { pack_chunk::<B, G>(w.as_ptr(), blocks, c, chunk) };
+    }
+}
+
+/// Chunk `c` of row `w` (`G` registers of 64 values, pairs past `blocks` blocks zero) in
+/// value order, prefetching ahead.
+///
+/// # Safety
+/// `w` must hold the row's `blocks` blocks; the CPU must have the features of [`tile`].
+#[inline(always)]
+unsafe fn unpack_chunk<B: BlockFormat, const G: usize>(
+    w: *const u8,
+    blocks: usize,
+    c: usize,
+) -> [__m512i; G] {
+    // SAFETY: `unpack_pair` reads only pairs inside the row.
+    std::array::from_fn(|p| unsafe { unpack_pair::<B, G>(w, blocks, c, p) })
+}
+
+/// Pair `p` of chunk `c` of row `w`: zero past the row's end; prefetches ahead.
+///
+/// # Safety
+/// As [`unpack_chunk`].
+#[inline(always)]
+unsafe fn unpack_pair<B: BlockFormat, const G: usize>(
+    w: *const u8,
+    blocks: usize,
+    c: usize,
+    p: usize,
+) -> __m512i {
+    let pair = c * G + p;
+    // SAFETY: only pairs inside the row are unpacked; a prefetch may point anywhere.
+    unsafe {
+        // Decoding is bound by reading weights: ask for the bytes a few pairs ahead, every
+        // pair (past the row's end lies the next row, or nothing a prefetch minds).
+        let ahead = w.wrapping_add(pair * B::PAIR_BYTES + PREFETCH_AHEAD);
+        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+        if (c + 1) * 2 * G <= blocks {
+            // Most chunks: every block there.
+            unpack::<B, true>(w, pair, blocks)
+        } else if 2 * pair < blocks {
+            unpack::<B, false>(w, pair, blocks)
+        } else {
+            _mm512_setzero_si512()
         }
     }
 }
 
+/// Chunk `c` of row `w` in the kernels' layout (see [`super::lane_span`]).
+///
+/// # Safety
+/// As [`unpack_chunk`].
+#[inline(always)]
+unsafe fn pack_chunk<B: BlockFormat, const G: usize>(
+    w: *const u8,
+    blocks: usize,
+    c: usize,
+    chunk: &mut WeightChunk<G>,
+) {
+    let chunk_spans = (blocks * 32 / (4 * G) - 16 * c).min(16);
+    // SAFETY: `unpack_chunk` and the scale readers read only pairs and spans inside the
+    // row; the stores go to `chunk`'s own registers.
+    unsafe {
+        let natural = unpack_chunk::<B, G>(w, blocks, c);
+        for (group, reg) in chunk.u.iter_mut().zip(transpose(natural)) {
+            _mm512_store_si512(group.as_mut_ptr().cast(), reg);
+        }
+        let (scale, minimum) = span_scales::<B, G>(w, c, chunk_spans);
+        _mm512_store_ps(chunk.scale.as_mut_ptr(), scale);
+        _mm512_store_ps(chunk.minimum.as_mut_ptr(), minimum);
+    }
+}
+
 /// The dot products of `R` activation rows with `C` packed columns (format `B`, `chunks`
-/// chunks each, the last holding `spans` spans). Every (row, column) goes through the same
+/// chunks each). Every (row, column) goes through the same
 /// instructions in the same order whatever the tile's size, so a row's results do not depend
 /// on the rows beside it.
 ///
@@ -311,24 +407,23 @@ pub unsafe fn pack_column<B: BlockFormat, const G: usize>(
 pub unsafe fn tile<B: BlockFormat, const G: usize, const R: usize, const C: usize>(
     columns: [&[WeightChunk<G>]; C],
     rows: [&[ActChunk<G>]; R],
-    (chunks, last_spans): (usize, usize),
+    chunks: usize,
 ) -> [[f32; C]; R] {
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     // SAFETY: every chunk index is below `chunks`, which each column and row holds (the
     // caller vouches).
     unsafe {
-        for ch in 0..chunks - 1 {
-            accumulate::<B, G, R, C, G>(&columns, &rows, ch, &mut acc);
-        }
-        let last = chunks - 1;
-        match chunk_registers(last_spans, G) {
-            1 => accumulate::<B, G, R, C, 1>(&columns, &rows, last, &mut acc),
-            2 => accumulate::<B, G, R, C, 2>(&columns, &rows, last, &mut acc),
-            4 => accumulate::<B, G, R, C, 4>(&columns, &rows, last, &mut acc),
-            _ => accumulate::<B, G, R, C, G>(&columns, &rows, last, &mut acc),
+        let at = |ch: usize| {
+            (
+                std::array::from_fn(|c| columns[c].get_unchecked(ch)),
+                std::array::from_fn(|r| rows[r].get_unchecked(ch)),
+            )
+        };
+        for ch in 0..chunks {
+            let (w, a) = at(ch);
+            accumulate::<B, G, R, C>(w, a, &mut acc);
         }
     }
-    const { assert!(R * C <= 16, "one register of sums per tile") };
     let flat: [__m512; 16] = std::array::from_fn(|i| {
         if i < R * C {
             acc[i / C][i % C]
@@ -336,10 +431,158 @@ pub unsafe fn tile<B: BlockFormat, const G: usize, const R: usize, const C: usiz
             _mm512_setzero_ps()
         }
     });
+    const { assert!(R * C <= 16, "one register of sums per tile") };
     let mut sums = [0f32; 16];
     // SAFETY: the store is of 16 floats into a 16-float array; the features are enabled.
     unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), sum_lanes(flat)) };
     std::array::from_fn(|r| std::array::from_fn(|c| sums[r * C + c]))
+}
+
+/// Adds one chunk of every (row, column) pair to `acc`: integer sums over each lane's
+/// values, then one conversion and scaling per lane ([`fold`]).
+///
+/// # Safety
+/// The CPU must have the features of [`tile`].
+#[inline(always)]
+unsafe fn accumulate<B: BlockFormat, const G: usize, const R: usize, const C: usize>(
+    w: [&WeightChunk<G>; C],
+    a: [&ActChunk<G>; R],
+    acc: &mut [[__m512; C]; R],
+) {
+    // SAFETY: the loads are of aligned 64-byte arrays; the caller vouches for the features.
+    unsafe {
+        let mut sums = [[_mm512_setzero_si512(); C]; R];
+        if B::OFFSET != 0 {
+            for r in 0..R {
+                let start = _mm512_load_si512(a[r].offset.as_ptr().cast());
+                sums[r] = [start; C];
+            }
+        }
+        for j in 0..G {
+            let u: [__m512i; C] =
+                std::array::from_fn(|c| _mm512_load_si512(w[c].u[j].as_ptr().cast()));
+            for r in 0..R {
+                let q = _mm512_load_si512(a[r].qs[j].as_ptr().cast());
+                for c in 0..C {
+                    sums[r][c] = _mm512_dpbusd_epi32(sums[r][c], u[c], q);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                let scale = _mm512_load_ps(w[c].scale.as_ptr());
+                let minimum = _mm512_load_ps(w[c].minimum.as_ptr());
+                acc[r][c] = fold::<B, G>(sums[r][c], scale, minimum, a[r], acc[r][c]);
+            }
+        }
+    }
+}
+
+/// `acc` plus one chunk's integer lane sums (the offset included) of one (row, column):
+/// converted, times the weight's and the activation's scales, plus the minimum's term. Both
+/// kernels end every chunk here, so both give the same bits.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[inline(always)]
+unsafe fn fold<B: BlockFormat, const G: usize>(
+    sums: __m512i,
+    scale: __m512,
+    minimum: __m512,
+    a: &ActChunk<G>,
+    acc: __m512,
+) -> __m512 {
+    // SAFETY: aligned loads of the chunk's own arrays; the caller vouches for the features.
+    unsafe {
+        let scale = _mm512_mul_ps(scale, _mm512_load_ps(a.scale.as_ptr()));
+        let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc);
+        if B::HAS_MINIMUM {
+            _mm512_fmadd_ps(minimum, _mm512_load_ps(a.mean.as_ptr()), acc)
+        } else {
+            acc
+        }
+    }
+}
+
+/// Decoding: one weight row (format `B`, `blocks` blocks) against `R` activation rows whose
+/// chunks hold their values in value order (`activations::quantize_row` with `interleaved`
+/// false). Each pair of blocks is multiplied as it is unpacked, and the 16 lanes' worth of
+/// partial sums of a chunk are added up in integers into the span order [`tile`] uses: the
+/// same integer sums, [`fold`]ed the same way, so the same bits as [`tile`] without
+/// rearranging the weights first.
+///
+/// # Safety
+/// The CPU must have the features enabled here ([`super::cpu_supported`]); `w` must hold the
+/// row and every row `chunks` chunks; `G` must be `B::GROUPS`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
+    w: &[u8],
+    blocks: usize,
+    rows: [&[ActChunk<G>]; R],
+    chunks: usize,
+) -> [f32; R] {
+    let mut acc = [[_mm512_setzero_ps(); 1]; R];
+    let spans = blocks * 32 / (4 * G);
+    let w = w.as_ptr();
+    // SAFETY: every chunk index is below `chunks`, which each row holds; the row's chunks
+    // are read by `unpack_chunk`, `span_scales` and `pack_chunk` inside its blocks.
+    unsafe {
+        let order: [i32; 16] = std::array::from_fn(|l| super::lane_span(l, G) as i32);
+        let order = _mm512_loadu_si512(order.as_ptr().cast());
+        for c in 0..chunks {
+            let a: [&ActChunk<G>; R] = std::array::from_fn(|r| rows[r].get_unchecked(c));
+            // Pairs of pairs as they are unpacked, their partial sums added at once: the
+            // registers of a whole chunk for several rows would not fit.
+            let mut halves = [[_mm512_setzero_si512(); 4]; R];
+            for q in 0..G / 2 {
+                if 2 * (c * G + 2 * q) >= blocks {
+                    // Past the row's end (a last chunk's padding): nothing to add.
+                    break;
+                }
+                let (u0, u1) = (
+                    unpack_pair::<B, G>(w, blocks, c, 2 * q),
+                    unpack_pair::<B, G>(w, blocks, c, 2 * q + 1),
+                );
+                for (half, a) in halves.iter_mut().zip(a) {
+                    let d0 = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        u0,
+                        _mm512_load_si512(a.qs[2 * q].as_ptr().cast()),
+                    );
+                    let d1 = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        u1,
+                        _mm512_load_si512(a.qs[2 * q + 1].as_ptr().cast()),
+                    );
+                    half[q] = add_adjacent(d0, d1);
+                }
+            }
+            let (scale, minimum) = span_scales::<B, G>(w, c, (spans - 16 * c).min(16));
+            for r in 0..R {
+                let h = &halves[r];
+                let whole = if G == 8 {
+                    add_adjacent(add_adjacent(h[0], h[1]), add_adjacent(h[2], h[3]))
+                } else {
+                    add_adjacent(h[0], h[1])
+                };
+                let mut sums = _mm512_permutexvar_epi32(order, whole);
+                if B::OFFSET != 0 {
+                    sums = _mm512_add_epi32(sums, _mm512_load_si512(a[r].offset.as_ptr().cast()));
+                }
+                acc[r][0] = fold::<B, G>(sums, scale, minimum, a[r], acc[r][0]);
+            }
+        }
+        let flat: [__m512; 16] = std::array::from_fn(|i| {
+            if i < R {
+                acc[i][0]
+            } else {
+                _mm512_setzero_ps()
+            }
+        });
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), sum_lanes(flat));
+        std::array::from_fn(|r| sums[r])
+    }
 }
 
 /// Lane `i`: the sum of register `i`'s lanes, each register's lanes added in the same
@@ -350,8 +593,6 @@ pub unsafe fn tile<B: BlockFormat, const G: usize, const R: usize, const C: usiz
 /// The CPU must have AVX-512 F.
 #[inline(always)]
 unsafe fn sum_lanes(mut v: [__m512; 16]) -> __m512 {
-    const EVEN: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
-    const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
     // SAFETY: register-only arithmetic and loads of the two index arrays.
     unsafe {
         let (even, odd) = (
@@ -375,59 +616,27 @@ unsafe fn sum_lanes(mut v: [__m512; 16]) -> __m512 {
     }
 }
 
-/// Adds chunk `ch` (its first `J` registers) of every (row, column) pair to `acc`: integer
-/// sums over each lane's values, then one conversion and scaling per lane.
+/// Lanes of two registers, evens then odds, as `vpermt2d`/`vpermt2ps` indices.
+const EVEN: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
+
+/// Adjacent lanes of `a` then of `b` added: `[a0 + a1, .., a14 + a15, b0 + b1, ..]`. Applied
+/// to the partial sums of a chunk's registers in value order (register `p`, lane `s * G +
+/// d`: group `d` of span `p * 16 / G + s`), pair by pair and then on the results, it leaves
+/// one register of whole spans in value order (lane `i`: span `i`).
 ///
 /// # Safety
-/// As [`tile`]; `ch` must be a chunk every column and row holds.
+/// The CPU must have AVX-512 F.
 #[inline(always)]
-unsafe fn accumulate<
-    B: BlockFormat,
-    const G: usize,
-    const R: usize,
-    const C: usize,
-    const J: usize,
->(
-    columns: &[&[WeightChunk<G>]; C],
-    rows: &[&[ActChunk<G>]; R],
-    ch: usize,
-    acc: &mut [[__m512; C]; R],
-) {
-    // SAFETY: the caller vouches for `ch`; the loads are of aligned 64-byte arrays.
+unsafe fn add_adjacent(a: __m512i, b: __m512i) -> __m512i {
+    // SAFETY: register-only arithmetic and loads of the two index arrays.
     unsafe {
-        let w: [&WeightChunk<G>; C] = std::array::from_fn(|c| columns[c].get_unchecked(ch));
-        let a: [&ActChunk<G>; R] = std::array::from_fn(|r| rows[r].get_unchecked(ch));
-        let mut sums = [[_mm512_setzero_si512(); C]; R];
-        if B::OFFSET != 0 {
-            for r in 0..R {
-                let start = _mm512_load_si512(a[r].offset.as_ptr().cast());
-                sums[r] = [start; C];
-            }
-        }
-        for j in 0..J {
-            let u: [__m512i; C] =
-                std::array::from_fn(|c| _mm512_load_si512(w[c].u[j].as_ptr().cast()));
-            for r in 0..R {
-                let q = _mm512_load_si512(a[r].qs[j].as_ptr().cast());
-                for c in 0..C {
-                    sums[r][c] = _mm512_dpbusd_epi32(sums[r][c], u[c], q);
-                }
-            }
-        }
-        for r in 0..R {
-            let activation_scale = _mm512_load_ps(a[r].scale.as_ptr());
-            for c in 0..C {
-                let scale = _mm512_mul_ps(_mm512_load_ps(w[c].scale.as_ptr()), activation_scale);
-                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][c]), scale, acc[r][c]);
-                if B::HAS_MINIMUM {
-                    acc[r][c] = _mm512_fmadd_ps(
-                        _mm512_load_ps(w[c].minimum.as_ptr()),
-                        _mm512_load_ps(a[r].mean.as_ptr()),
-                        acc[r][c],
-                    );
-                }
-            }
-        }
+        let even = _mm512_loadu_si512(EVEN.as_ptr().cast());
+        let odd = _mm512_loadu_si512(ODD.as_ptr().cast());
+        _mm512_add_epi32(
+            _mm512_permutex2var_epi32(a, even, b),
+            _mm512_permutex2var_epi32(a, odd, b),
+        )
     }
 }
 

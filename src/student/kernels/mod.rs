@@ -10,7 +10,7 @@
 //! Both sides share one layout: 16 spans of values per chunk, one per 32-bit lane, a span
 //! being what one weight scale covers (32 values, or 16 for Q6_K); lane `l` holds span
 //! [`lane_span`]`(l, G)`, and register `j` of a chunk holds values `4j..4j + 4` of every
-//! lane's span. Integer sums then cover a whole span before they are scaled, so prompts
+//! lane's span (a row's last chunk is padded with zeros). Integer sums then cover a whole span before they are scaled, so prompts
 //! (many rows against each unpacked column) cost little more than the multiply-adds; a row
 //! takes the same instructions in the same order whatever rows it is multiplied with, so
 //! answers are the same alone, batched and from the prompt cache. The block formats and
@@ -41,40 +41,6 @@ const COLUMN_CHUNK: usize = 16;
 /// order the transpose in `avx512::pack_column` leaves them in.
 pub const fn lane_span(lane: usize, groups: usize) -> usize {
     (lane % groups) * (16 / groups) + lane / groups
-}
-
-/// Registers of a chunk holding `spans` spans of `groups` groups: all `groups` when it has
-/// more than 8 spans; a row's last chunk with fewer spans spreads each over several lanes
-/// (SmolLM2's rows of 576 values end in a chunk of 2 spans: 1 register instead of 8).
-pub const fn chunk_registers(spans: usize, groups: usize) -> usize {
-    if spans > 8 {
-        return groups;
-    }
-    let lanes_per_span = 16 / spans.next_power_of_two();
-    if lanes_per_span >= groups {
-        1
-    } else {
-        groups / lanes_per_span
-    }
-}
-
-/// Which group of which span register `reg`, lane `lane` of a chunk of `spans` spans holds
-/// (`None`: padding). Full chunks follow [`lane_span`]; in a short last chunk lane `l` holds
-/// span `l % width` (`width`: `spans` rounded up to a power of two), and its part `l / width`
-/// of the groups.
-pub const fn slot(spans: usize, groups: usize, lane: usize, reg: usize) -> Option<(usize, usize)> {
-    let registers = chunk_registers(spans, groups);
-    let (span, group) = if spans > 8 {
-        (lane_span(lane, groups), reg)
-    } else {
-        let width = spans.next_power_of_two();
-        (lane % width, lane / width * registers + reg)
-    };
-    if span < spans && group < groups && reg < registers {
-        Some((span, group))
-    } else {
-        None
-    }
 }
 
 /// One weight row's 16 spans, laid out like [`ActChunk`]: unsigned bytes (the format's
@@ -168,11 +134,51 @@ fn product<B: BlockFormat, const G: usize>(
     let blocks = k / BLOCK;
     let row_bytes = k / B::VALUES * B::BYTES;
     let chunks = chunks_per_row(k, G);
-    // The spans of each row's last chunk.
-    let last_spans = k / (4 * G) - 16 * (chunks - 1);
-    with_quantized::<G, _>(lhs, (m, k), B::OFFSET, |acts, _| {
+    // Decoding steps (a few rows) multiply each pair of blocks as it is unpacked; prompts
+    // unpack each column once for all their rows. Both give the same bits.
+    let decoding = m <= ROW_TILE;
+    with_quantized::<G, _>(lhs, (m, k), B::OFFSET, !decoding, |acts, _| {
         let dst_addr = dst.as_mut_ptr() as usize;
         let row = |i: usize| &acts[i * chunks..(i + 1) * chunks];
+        if decoding {
+            for_each_range(n.div_ceil(COLUMN_CHUNK), |groups| {
+                for col in groups.start * COLUMN_CHUNK..n.min(groups.end * COLUMN_CHUNK) {
+                    let w = &weights[col * row_bytes..(col + 1) * row_bytes];
+                    let shape = chunks;
+                    // SAFETY: `cpu_supported` was asserted; `w` is the whole row and every
+                    // activation row holds `chunks` chunks.
+                    let sums: [f32; ROW_TILE] = unsafe {
+                        match m {
+                            1 => pad_row(avx512::dot_row::<B, G, 1>(w, blocks, [row(0)], shape)),
+                            2 => pad_row(avx512::dot_row::<B, G, 2>(
+                                w,
+                                blocks,
+                                [row(0), row(1)],
+                                shape,
+                            )),
+                            3 => pad_row(avx512::dot_row::<B, G, 3>(
+                                w,
+                                blocks,
+                                [row(0), row(1), row(2)],
+                                shape,
+                            )),
+                            _ => avx512::dot_row::<B, G, 4>(
+                                w,
+                                blocks,
+                                std::array::from_fn(row),
+                                shape,
+                            ),
+                        }
+                    };
+                    for (r, sum) in sums.iter().enumerate().take(m) {
+                        // SAFETY: each (row, column) of dst belongs to exactly one work item,
+                        // and dst outlives `for_each_range`, which returns when all are done.
+                        unsafe { *(dst_addr as *mut f32).add(r * n + col) = *sum };
+                    }
+                }
+            });
+            return;
+        }
         // Writes the tile of rows `first_row..` and columns `first_col..` (up to `columns`).
         let multiply =
             |panel: &[WeightChunk<G>], first_row: usize, first_col: usize, columns: usize| {
@@ -181,7 +187,7 @@ fn product<B: BlockFormat, const G: usize>(
                 let rows_left = m - first_row;
                 let rows: [&[ActChunk<G>]; ROW_TILE] =
                     std::array::from_fn(|r| row(first_row + r.min(rows_left - 1)));
-                let shape = (chunks, last_spans);
+                let shape = chunks;
                 // SAFETY: `cpu_supported` was asserted; every column and row holds `chunks`.
                 let sums: [[f32; COLUMN_TILE]; ROW_TILE] = unsafe {
                     match rows_left {
@@ -240,6 +246,11 @@ fn product<B: BlockFormat, const G: usize>(
             });
         });
     });
+}
+
+/// A column's sums for fewer rows than a tile's in a tile's array.
+fn pad_row<const R: usize>(sums: [f32; R]) -> [f32; ROW_TILE] {
+    std::array::from_fn(|r| if r < R { sums[r] } else { 0.0 })
 }
 
 /// A smaller tile's sums in a full tile's array.
@@ -382,45 +393,71 @@ mod tests {
         candle_core::quantized::k_quants::matmul(mkn, x, &blocks, dst).unwrap();
     }
 
-    /// A row's products are the same bits alone (decoding) as beside other rows (a prompt,
-    /// a batch), whatever its place in a tile.
+    /// A row's products are the same bits alone or in a small batch (decoding) as beside
+    /// many rows (a prompt), whatever its place in a tile, for every format and chunk shape.
     #[test]
     fn a_rows_products_do_not_depend_on_the_rows_beside_it() {
         if !cpu_supported() {
             return;
         }
-        let (n, k) = (21, 896);
-        let values: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 30.0)
-            .collect();
-        let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&dense, GgmlDType::Q5_0).unwrap();
-        let bytes = q.data().unwrap().to_vec();
-        let format = Format::for_dtype(GgmlDType::Q5_0).unwrap();
-        let m = 11;
-        let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.11).cos()).collect();
-        let mut together = vec![0f32; m * n];
-        matmul(format, &bytes, (m, k, n), &x, &mut together);
-        for i in 0..m {
-            let mut alone = vec![0f32; n];
-            matmul(
-                format,
-                &bytes,
-                (1, k, n),
-                &x[i * k..(i + 1) * k],
-                &mut alone,
-            );
-            assert_eq!(alone, together[i * n..(i + 1) * n], "row {i}");
+        let n = 21;
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let format = Format::for_dtype(dtype).unwrap();
+            // Full chunks, a chunk of 12 spans, short last chunks of 2 and 8 spans.
+            let lengths: &[usize] = if format.block_values() == 256 {
+                &[512, 768, 1280]
+            } else {
+                &[896, 576, 768]
+            };
+            for &k in lengths {
+                let values: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 31 % 97) as f32 - 48.0) / 30.0)
+                    .collect();
+                let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+                let bytes = QTensor::quantize(&dense, dtype)
+                    .unwrap()
+                    .data()
+                    .unwrap()
+                    .to_vec();
+                let m = 11;
+                let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.11).cos()).collect();
+                let mut together = vec![0f32; m * n];
+                matmul(format, &bytes, (m, k, n), &x, &mut together);
+                for i in 0..m {
+                    let mut alone = vec![0f32; n];
+                    matmul(
+                        format,
+                        &bytes,
+                        (1, k, n),
+                        &x[i * k..(i + 1) * k],
+                        &mut alone,
+                    );
+                    assert_eq!(
+                        alone,
+                        together[i * n..(i + 1) * n],
+                        "{dtype:?} k={k} row {i}"
+                    );
+                }
+                let mut pair = vec![0f32; 3 * n];
+                matmul(format, &bytes, (3, k, n), &x[4 * k..7 * k], &mut pair);
+                assert_eq!(pair, together[4 * n..7 * n], "{dtype:?} k={k} rows 4..7");
+            }
         }
     }
 
     #[test]
     fn quantized_rows_carry_scales_and_offset_sums_per_lane() {
-        // 608 values: a full chunk of 16 spans of 32, then a short one of 3 spans.
+        // 608 values: a full chunk of 16 spans of 32, then one of 3 spans.
         let x: Vec<f32> = (0..608).map(|i| (i % 200) as f32 - 20.0).collect();
         let mut out = [ActChunk::<8>::default(); 2];
         out[1].qs[3] = [5; 64]; // stale values from an earlier product
-        quantize_row(&x, 16, &mut Vec::new(), &mut out);
+        quantize_row(&x, 16, true, &mut Vec::new(), &mut out);
         let (full, short) = (&out[0], &out[1]);
         // Lane 0 holds span 0, lane 8 span 1, lane 1 span 2 (the transpose's order).
         assert_eq!(
@@ -450,20 +487,21 @@ mod tests {
         let scaled_sum = full.scale[8] * block as f32; // both sides rounded to f16
         assert!((full.mean[8] - scaled_sum).abs() <= 2e-3 * scaled_sum.abs());
 
-        // The short chunk: spans 16..19 of the row in lanes `l % 4`, each over four lanes
-        // of two registers.
-        assert_eq!(chunk_registers(3, 8), 2);
-        assert_eq!(slot(3, 8, 5, 0), Some((1, 2)));
-        // Lane 1, register 1: values 4..8 of span 17 (row values 548..552).
-        let inverse = 1.0 / (155.0 / 127.0); // the block's largest value: 155
+        // The last chunk: spans 16..19 of the row in lanes 0, 8 and 1, the rest padding.
+        let inverse = 1.0 / (155.0 / 127.0); // span 17's largest value: 155
         let expected: Vec<i8> = x[548..552]
             .iter()
             .map(|v| (v * inverse).round() as i8)
             .collect();
-        assert_eq!(short.qs[1][4..8], expected[..]);
-        assert_eq!(short.offset[1], -16 * lane_sum(short, 1));
-        // Lane 3 (a fourth span) and registers past the second are padding.
-        assert_eq!(short.scale[3], 0.0);
-        assert!(short.qs[2..].iter().all(|reg| reg.iter().all(|&q| q == 0)));
+        // Lane 8 (span 17), register 1: its values 4..8 (row values 548..552).
+        assert_eq!(short.qs[1][32..36], expected[..]);
+        assert_eq!(short.offset[8], -16 * lane_sum(short, 8));
+        assert_eq!(short.scale[2], 0.0); // lane 2: span 20, past the row's end
+        assert!(
+            short
+                .qs
+                .iter()
+                .all(|reg| reg[8..12].iter().all(|&q| q == 0))
+        );
     }
 }

@@ -14,6 +14,5 @@ pub use shape::{Architecture, ModelShape};
 pub use transformer::{Step, Transformer};
 
 /// Most prompt tokens one forward pass reads: the footprint estimate counts activation
-/// buffers for it, it bounds the attention scores' memory for long prompts, and how long one
-/// pass delays the sequences decoding beside it.
+/// buffers for it, and it bounds how long one pass delays the sequences decoding beside it.
 pub const MAX_PREFILL_ROWS: usize = 256;
