@@ -106,6 +106,16 @@ pub struct GenerationRequest {
     pub echo: bool,
     /// Stop generating this long after the first token (llama.cpp's `t_max_predict_ms`).
     pub time_limit: Option<std::time::Duration>,
+    /// What the output must follow, held to it while it is sampled.
+    pub grammar: Option<Grammar>,
+}
+
+/// A shape the output must have.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grammar {
+    /// JSON following a JSON schema (OpenAI's `response_format`: `json_schema`, or
+    /// `json_object`: any object).
+    Json(serde_json::Value),
 }
 
 impl GenerationRequest {
@@ -120,6 +130,7 @@ impl GenerationRequest {
             logprobs: None,
             echo: false,
             time_limit: None,
+            grammar: None,
         }
     }
 }

@@ -5,10 +5,12 @@
 //! - [`validate`]: a chat request into a conversation;
 //! - [`completions`]: legacy completions' wire types and their validation;
 //! - [`fields`]: checks of the fields both share (sampling, `max_tokens`, `stop`, ...);
+//! - [`format`]: `response_format` into the grammar the output must follow;
 //! - [`sse`]: event framing.
 
 pub mod completions;
 pub mod fields;
+pub mod format;
 pub mod sse;
 pub mod types;
 pub mod validate;

@@ -50,17 +50,10 @@ pub fn validate(
         ));
     }
     fields::refuse_unsupported(&req.extra, UNSUPPORTED)?;
-    if let Some(format) = req.extra.get("response_format") {
-        let kind = format.get("type").and_then(|t| t.as_str()).unwrap_or("");
-        if kind != "text" {
-            return Err(DuetError::unsupported(
-                "response_format",
-                format!(
-                    "response_format `{kind}` is not supported by the local model; only `text` is"
-                ),
-            ));
-        }
-    }
+    let grammar = match req.extra.get("response_format") {
+        Some(format) => super::format::response_format(format)?,
+        None => None,
+    };
     if let Some(n) = req.n
         && n != 1
     {
@@ -144,6 +137,7 @@ pub fn validate(
             stop,
             keep_alive,
             logprobs,
+            grammar,
             ..GenerationRequest::new(Prompt::Chat(messages))
         },
     })

@@ -14,6 +14,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod grammar;
 pub mod handle;
 pub mod kernels;
 pub mod load;

@@ -55,18 +55,29 @@ impl Sampler {
     /// Picks the next token from biased logits and records it for the penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        let token = if self.temperature <= 0.0 {
+        let token = self.choose(logits);
+        self.record(token);
+        token
+    }
+
+    /// Draws a token from logits the penalties were applied to (again after a grammar
+    /// masked the ones it refused), recording nothing.
+    pub fn choose(&mut self, logits: &[f32]) -> u32 {
+        if self.temperature <= 0.0 {
             argmax(logits)
         } else {
             self.sample_stochastic(logits)
-        };
+        }
+    }
+
+    /// Counts `token` as generated, for the penalties.
+    pub fn record(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;
-        token
     }
 
     /// OpenAI's definition: logit -= presence * [count > 0] + frequency * count, over
     /// the tokens generated so far.
-    fn apply_penalties(&self, logits: &mut [f32]) {
+    pub fn apply_penalties(&self, logits: &mut [f32]) {
         let (p, f) = (self.params.presence_penalty, self.params.frequency_penalty);
         if p == 0.0 && f == 0.0 {
             return;

@@ -18,6 +18,7 @@ use crate::config::StudentConfig;
 use crate::error::DuetError;
 use crate::student::cache::kv::KvCache;
 use crate::student::cache::prefix::PromptCache;
+use crate::student::grammar::{self, Guide};
 use crate::student::load::LoadedModel;
 use crate::student::model::Step;
 use crate::student::text::detokenizer::Detokenizer;
@@ -45,6 +46,8 @@ pub struct Sequence {
     stops: StopMatcher,
     /// Ends a fill-in-the-middle completion where the middle ends.
     middle: Option<MiddleGuard>,
+    /// Holds the output to the request's grammar.
+    guide: Option<Guide>,
     /// Alternatives to report per token, when log probabilities were asked for.
     logprobs: Option<usize>,
     logprob_scratch: LogprobScratch,
@@ -79,6 +82,13 @@ impl Sequence {
         } = job;
         let (prompt, truncated, max_tokens) = match prepare(m, config, &request) {
             Ok(p) => p,
+            Err(e) => {
+                let _ = started.send(Err(e));
+                return Err(Outcome::Failed);
+            }
+        };
+        let guide = match request.grammar.clone().map(|g| guide(m, g)).transpose() {
+            Ok(guide) => guide,
             Err(e) => {
                 let _ = started.send(Err(e));
                 return Err(Outcome::Failed);
@@ -121,6 +131,7 @@ impl Sequence {
                 )),
                 _ => None,
             },
+            guide,
             logprobs: request.logprobs,
             logprob_scratch: LogprobScratch::default(),
             pending_logprobs: Vec::new(),
@@ -189,9 +200,27 @@ impl Sequence {
         if self.logprobs.is_some() {
             self.logprob_scratch.keep(logits);
         }
-        let token = self.sampler.sample(logits);
+        self.sampler.apply_penalties(logits);
+        let mut token = self.sampler.choose(logits);
+        if let Some(guide) = &mut self.guide {
+            // Drawn first and checked: the mask over the whole vocabulary is computed only
+            // when the grammar refuses the token.
+            let checked = match guide.allows(token) {
+                Ok(true) => Ok(token),
+                Ok(false) => guide.mask(logits).map(|()| self.sampler.choose(logits)),
+                Err(e) => Err(e),
+            };
+            token = match checked {
+                Ok(token) => token,
+                Err(e) => return Some(self.fail_grammar(e)),
+            };
+        }
+        self.sampler.record(token);
         if m.end_tokens.contains(&token) {
             return Some(self.finish(FinishReason::Stop, false));
+        }
+        if let Some(Err(e)) = self.guide.as_mut().map(|g| g.accept(token)) {
+            return Some(self.fail_grammar(e));
         }
         self.completion_tokens += 1;
         let first_token_at = *self.first_token_at.get_or_insert_with(Instant::now);
@@ -222,6 +251,10 @@ impl Sequence {
                 return Some(self.finish(FinishReason::Stop, true));
             }
         }
+        if self.guide.as_ref().is_some_and(Guide::is_complete) {
+            // Nothing but the end of the turn may follow: no need to run the model for it.
+            return Some(self.finish(FinishReason::Stop, false));
+        }
         let out_of_time = self
             .time_limit
             .is_some_and(|limit| first_token_at.elapsed() >= limit);
@@ -243,6 +276,15 @@ impl Sequence {
             }
         }
         Outcome::Failed
+    }
+
+    /// Ends the request on a grammar that failed while generating (it grew past
+    /// llguidance's limits): the client gets an error, the engine goes on.
+    fn fail_grammar(&mut self, error: String) -> Outcome {
+        tracing::warn!(%error, "grammar failed while generating");
+        self.fail(DuetError::Internal(format!(
+            "the output's grammar failed: {error}"
+        )))
     }
 
     /// The tokens its cache holds, and the cache, for the prompt cache.
@@ -306,6 +348,20 @@ impl Sequence {
             })
             .is_ok()
     }
+}
+
+/// A guide for the request's grammar, or a 400 saying why it cannot be followed.
+fn guide(m: &LoadedModel, grammar: crate::backend::Grammar) -> Result<Guide, DuetError> {
+    let crate::backend::Grammar::Json(schema) = grammar;
+    let mut end_tokens: Vec<u32> = m.end_tokens.iter().copied().collect();
+    end_tokens.sort_unstable();
+    m.grammars.guide(
+        &m.tokenizer,
+        m.model.shape.vocab,
+        &end_tokens,
+        grammar::json_schema(schema),
+        "response_format",
+    )
 }
 
 /// The prompt's tokens (and whether they were cut to fit) and how many tokens may be

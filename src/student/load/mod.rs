@@ -21,6 +21,7 @@ use gguf::GgufHeader;
 use crate::backend::{Prompt, SamplingDefaults};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
+use crate::student::grammar::Grammars;
 use crate::student::model::{MAX_PREFILL_ROWS, Transformer};
 use crate::student::text::fim::{DeclaredFim, FimTokens};
 use crate::student::text::template::ChatTemplate;
@@ -43,6 +44,8 @@ pub struct LoadedModel {
     pub sampling: SamplingDefaults,
     /// The estimate made from the header before loading.
     pub footprint: Footprint,
+    /// Compiles the grammars requests hold their output to.
+    pub grammars: Grammars,
 }
 
 impl LoadedModel {
@@ -107,6 +110,7 @@ impl LoadedModel {
             fim,
             sampling,
             footprint,
+            grammars: Grammars::default(),
         })
     }
 
