@@ -15,7 +15,7 @@ pub enum DuetError {
         message: String,
         param: Option<String>,
     },
-    /// The request needs what the local model cannot do (tools, logprobs, ...) (400; in
+    /// The request needs what the local model cannot do (images, several choices, ...) (400; in
     /// hybrid mode such requests go to the teacher instead).
     #[error("{message}")]
     Unsupported { message: String, param: String },

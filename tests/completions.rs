@@ -351,7 +351,7 @@ async fn props_reports_the_context_without_loading_anything() {
         .await
         .unwrap();
     assert_eq!(props["default_generation_settings"]["n_ctx"], 4096);
-    assert_eq!(props["chat_template_caps"]["supports_tool_calls"], false);
+    assert_eq!(props["chat_template_caps"]["supports_tool_calls"], true);
     let health = common::health(&base).await;
     assert_eq!(health["student"]["state"], "unloaded");
 }

@@ -524,15 +524,23 @@ async fn teacher_first_falls_back_to_the_student() {
 
 #[tokio::test]
 async fn student_first_hands_the_teacher_what_it_cannot_do() {
-    // The student cannot call tools: the request goes to the teacher.
+    // The student answers one choice per request: asking for two goes to the teacher.
     let hybrid = spawn(fault_config(Mode::Hybrid, "healthy"));
     let mut body = ask("local");
-    body["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    body["n"] = json!(2);
     let resp = post(&hybrid, body).await;
     assert_eq!(resp.headers()["x-duet-backend"], "teacher");
-    let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["echo_tools"], true);
-    // Plain requests stay local.
+    // Tool calls and structured output now stay local, as do plain requests.
+    let mut body = ask("local");
+    body["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    body["max_tokens"] = json!(8);
+    let resp = post(&hybrid, body).await;
+    assert_eq!(resp.headers()["x-duet-backend"], "student");
+    let mut body = ask("local");
+    body["response_format"] = json!({"type": "json_object"});
+    body["max_tokens"] = json!(8);
+    let resp = post(&hybrid, body).await;
+    assert_eq!(resp.headers()["x-duet-backend"], "student");
     let resp = post(&hybrid, ask("local")).await;
     assert_eq!(resp.headers()["x-duet-backend"], "student");
 }

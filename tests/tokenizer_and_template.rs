@@ -26,10 +26,7 @@ fn template(file: &str, tok: &StudentTokenizer) -> ChatTemplate {
 }
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: content.into(),
-    }
+    ChatMessage::new(role, content)
 }
 
 /// Reference ids from llama.cpp (no special tokens, no BOS).
@@ -157,7 +154,7 @@ fn qwen_prompt_token_count_matches_llama_cpp() {
     config.student.context_length = 64;
     let model = LoadedModel::load(&config.student, u64::MAX).unwrap();
     let conversation = Prompt::Chat(vec![msg("user", "What is the capital of France?")]);
-    let (ids, truncated) = model.prompt_tokens(&conversation, 64).unwrap();
+    let (ids, truncated) = model.prompt_tokens(&conversation, None, 64).unwrap();
     assert_eq!(ids.len(), 36);
     assert!(!truncated);
     let im_end = model.tokenizer.special_id("<|im_end|>").unwrap();

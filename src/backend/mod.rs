@@ -17,6 +17,47 @@ pub use status::{LoadState, Outcome, StudentStatus};
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's calls, as chat templates read them (`arguments` an object).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain message.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// Functions the model may call (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolUse {
+    /// The tools as the client sent them, for the chat template.
+    pub tools: Vec<serde_json::Value>,
+    /// Each function's name and the JSON schema of its arguments.
+    pub functions: Vec<(String, serde_json::Value)>,
+    pub choice: ToolChoice,
+    /// Whether several calls may come in one answer.
+    pub parallel: bool,
+}
+
+/// Whether the model must call a tool.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolChoice {
+    /// Text or calls, as the model decides.
+    Auto,
+    /// At least one call.
+    Required,
+    /// A call of this function.
+    Function(String),
 }
 
 /// What the model reads before it generates.
@@ -108,6 +149,8 @@ pub struct GenerationRequest {
     pub time_limit: Option<std::time::Duration>,
     /// What the output must follow, held to it while it is sampled.
     pub grammar: Option<Grammar>,
+    /// Functions the model may call.
+    pub tools: Option<ToolUse>,
 }
 
 /// A shape the output must have.
@@ -131,6 +174,7 @@ impl GenerationRequest {
             echo: false,
             time_limit: None,
             grammar: None,
+            tools: None,
         }
     }
 }

@@ -104,7 +104,7 @@ pub enum Mode {
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
     /// The student, unless it is busy beyond its queue, failed to load, or the request
-    /// needs what it cannot do (tools, logprobs, ...): then the teacher.
+    /// needs what it cannot do (images, several choices, ...): then the teacher.
     #[default]
     StudentFirst,
     /// The teacher, unless it is unreachable, times out, or answers 5xx or 429: then the student.

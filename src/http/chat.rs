@@ -3,13 +3,14 @@
 //! `chat.completion.chunk` stream (role delta, content deltas, finish chunk, usage chunk when
 //! asked for, `[DONE]`), log probabilities included when asked for.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use actix_web::HttpResponse;
 use actix_web::web::Bytes;
 use serde_json::{Value, json};
 
 use super::render::{Finished, Shape, TokenMeter, respond};
+use super::tool_calls::{Piece, ToolCallText, split};
 use super::{AppState, parse_wire, unix_now};
 use crate::backend::{FinishReason, TokenLogprob, TokenText, Usage};
 use crate::error::DuetError;
@@ -30,6 +31,7 @@ pub async fn student_answer(
     let wire = parse_wire::<ChatCompletionRequest>(request, "chat completion")?;
     let request = validate(wire, &state.input_limits)?;
     let logprobs = request.generation.logprobs.is_some();
+    let tools = request.generation.tools.is_some();
     let generation = student.generate(request.generation).await?;
     let shape = Arc::new(ChatShape {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -37,6 +39,7 @@ pub async fn student_answer(
         model: request.model,
         include_usage: request.include_usage,
         logprobs,
+        tool_calls: tools.then(Mutex::default),
     });
     respond(
         vec![generation],
@@ -55,9 +58,51 @@ struct ChatShape {
     model: String,
     include_usage: bool,
     logprobs: bool,
+    /// Splits calls out of the streamed text, when the request offered tools.
+    tool_calls: Option<Mutex<ToolCallText>>,
+}
+
+/// One call as OpenAI writes it, in a message or (with `index`) a stream's delta.
+fn call_json(index: usize, name: &str, arguments: &str) -> Value {
+    json!({
+        "index": index,
+        "id": format!("call_{}", uuid::Uuid::new_v4().simple()),
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    })
 }
 
 impl ChatShape {
+    /// Events for pieces of a tool-offering answer: content deltas and whole calls.
+    fn pieces(
+        &self,
+        index: u32,
+        pieces: Vec<Piece>,
+        calls_before: usize,
+        logprobs: &[TokenLogprob],
+    ) -> Bytes {
+        let mut out = Vec::new();
+        let mut call = calls_before;
+        let mut logprobs = Some(logprobs);
+        for piece in pieces {
+            let (content, tool_calls) = match &piece {
+                Piece::Content(text) => (Some(text.as_str()), None),
+                Piece::Call { name, arguments } => {
+                    call += 1;
+                    (None, Some(json!([call_json(call - 1, name, arguments)])))
+                }
+            };
+            let delta = Delta {
+                role: None,
+                content,
+                tool_calls,
+            };
+            let lp = logprobs.take().and_then(|l| self.logprobs(l));
+            out.extend_from_slice(&self.chunk(index, delta, None, lp));
+        }
+        Bytes::from(out)
+    }
+
     /// A chunk carrying one choice's delta; `usage: null` on it when usage was asked for.
     fn chunk(
         &self,
@@ -111,15 +156,40 @@ impl Shape for ChatShape {
         let choices = choices
             .into_iter()
             .enumerate()
-            .map(|(index, f)| Choice {
-                index: index as u32,
-                logprobs: self.logprobs(&f.logprobs),
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: f.text,
-                    refusal: None,
-                },
-                finish_reason: f.finish_reason.unwrap_or(FinishReason::Stop),
+            .map(|(index, f)| {
+                let finish_reason = f.finish_reason.unwrap_or(FinishReason::Stop);
+                let (content, tool_calls, finish_reason) = match &self.tool_calls {
+                    Some(_) => {
+                        let (content, calls) = split(&f.text);
+                        let calls: Vec<Value> = calls
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (name, arguments))| {
+                                let mut call = call_json(i, name, arguments);
+                                call.as_object_mut().map(|c| c.remove("index"));
+                                call
+                            })
+                            .collect();
+                        let reason = if calls.is_empty() {
+                            finish_reason
+                        } else {
+                            FinishReason::ToolCalls
+                        };
+                        (content, (!calls.is_empty()).then_some(calls), reason)
+                    }
+                    None => (Some(f.text), None, finish_reason),
+                };
+                Choice {
+                    index: index as u32,
+                    logprobs: self.logprobs(&f.logprobs),
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content,
+                        refusal: None,
+                        tool_calls,
+                    },
+                    finish_reason,
+                }
             })
             .collect();
         serde_json::to_value(ChatCompletion {
@@ -138,20 +208,41 @@ impl Shape for ChatShape {
         let role = Delta {
             role: Some("assistant"),
             content: Some(""),
+            tool_calls: None,
         };
         Some(self.chunk(index, role, None, None))
     }
 
     fn piece(&self, index: u32, text: &str, logprobs: &[TokenLogprob]) -> Bytes {
+        if let Some(parser) = &self.tool_calls {
+            let mut parser = parser.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = parser.calls;
+            let pieces = parser.push(text);
+            return self.pieces(index, pieces, before, logprobs);
+        }
         let delta = Delta {
             role: None,
             content: Some(text),
+            tool_calls: None,
         };
         self.chunk(index, delta, None, self.logprobs(logprobs))
     }
 
     fn finished(&self, index: u32, reason: FinishReason, _usage: &Usage) -> Bytes {
-        self.chunk(index, Delta::default(), Some(reason), None)
+        let Some(parser) = &self.tool_calls else {
+            return self.chunk(index, Delta::default(), Some(reason), None);
+        };
+        let mut parser = parser.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = parser.calls;
+        let rest = parser.finish();
+        let mut out = self.pieces(index, rest, before, &[]).to_vec();
+        let reason = if parser.calls > 0 {
+            FinishReason::ToolCalls
+        } else {
+            reason
+        };
+        out.extend_from_slice(&self.chunk(index, Delta::default(), Some(reason), None));
+        Bytes::from(out)
     }
 
     fn closing(&self, usage: Usage) -> Vec<Bytes> {

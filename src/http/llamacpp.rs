@@ -109,7 +109,8 @@ impl NativeShape {
             "truncated": self.prompt.truncated,
             "has_new_line": content.contains('\n'),
             "stop_type": match reason {
-                FinishReason::Stop => "eos",
+                // llama.cpp's completion endpoints take no tools.
+                FinishReason::Stop | FinishReason::ToolCalls => "eos",
                 FinishReason::Length => "limit",
             },
             "stopping_word": "",
@@ -214,10 +215,10 @@ pub async fn props(state: web::Data<AppState>) -> HttpResponse {
         "model_path": state.student_config.model,
         "modalities": {"vision": false, "audio": false},
         "chat_template_caps": {
-            "supports_tools": false,
-            "supports_tool_calls": false,
+            "supports_tools": true,
+            "supports_tool_calls": true,
             "supports_system_role": true,
-            "supports_parallel_tool_calls": false,
+            "supports_parallel_tool_calls": true,
         },
         "build_info": concat!("duet ", env!("CARGO_PKG_VERSION")),
     }))

@@ -12,6 +12,7 @@ pub mod models;
 pub mod page;
 pub mod render;
 pub mod shutdown;
+pub mod tool_calls;
 
 use std::sync::Arc;
 

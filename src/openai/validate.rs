@@ -1,6 +1,8 @@
 //! Turning a wire request into a [`GenerationRequest`]: every field checked, every
 //! refusal a 400 that names the field and says why.
 
+use serde_json::Value;
+
 use super::fields;
 use super::types::{ChatCompletionRequest, MessageContent};
 use crate::backend::{ChatMessage, GenerationRequest, Prompt};
@@ -21,10 +23,9 @@ pub struct ValidChatRequest {
 
 /// Fields a local model cannot honour; the client is told instead of being ignored.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("tools", "tool calling is not supported by the local model"),
     (
         "functions",
-        "function calling is not supported by the local model",
+        "`functions` is OpenAI's retired form of tool calling; send `tools`",
     ),
     ("audio", "audio output is not supported by the local model"),
 ];
@@ -54,6 +55,13 @@ pub fn validate(
         Some(format) => super::format::response_format(format)?,
         None => None,
     };
+    let tools = super::tools::tool_use(&req.extra)?;
+    if grammar.is_some() && tools.is_some() {
+        return Err(DuetError::unsupported(
+            "response_format",
+            "the local model holds an answer to a response format or to tool calls, not both",
+        ));
+    }
     if let Some(n) = req.n
         && n != 1
     {
@@ -73,12 +81,26 @@ pub fn validate(
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
-                "tool" | "function" => {
-                    return Err(DuetError::unsupported(&param, format!("role `{}` needs tool calling, which the local model does not support", m.role)));
+                "tool" => "tool",
+                "function" => {
+                    return Err(DuetError::unsupported(&param, "role `function` is OpenAI's retired form of tool results; send role `tool`"));
                 }
                 other => {
-                    return Err(DuetError::invalid(&param, format!("unknown role `{other}`; expected system, developer, user or assistant")));
+                    return Err(DuetError::invalid(&param, format!("unknown role `{other}`; expected system, developer, user, assistant or tool")));
                 }
+            };
+            let tool_calls = match m.extra.get("tool_calls") {
+                Some(calls) if role == "assistant" && !calls.is_null() => {
+                    super::tools::message_tool_calls(&param, calls)?
+                }
+                _ => Vec::new(),
+            };
+            let tool_call_id = match (role, m.extra.get("tool_call_id")) {
+                ("tool", Some(Value::String(id))) => Some(id.clone()),
+                ("tool", _) => {
+                    return Err(DuetError::invalid(&format!("{param}.tool_call_id"), "a `tool` message names the call it answers in `tool_call_id`"));
+                }
+                _ => None,
             };
             let content = match m.content {
                 None => String::new(),
@@ -96,7 +118,7 @@ pub fn validate(
                     text
                 }
             };
-            Ok(ChatMessage { role: role.to_string(), content })
+            Ok(ChatMessage { role: role.to_string(), content, tool_calls, tool_call_id })
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -138,6 +160,7 @@ pub fn validate(
             keep_alive,
             logprobs,
             grammar,
+            tools,
             ..GenerationRequest::new(Prompt::Chat(messages))
         },
     })
@@ -208,7 +231,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}),
-                "tools",
+                "tools[0].type",
             ),
         ];
         for (json, param) in cases {

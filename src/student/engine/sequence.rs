@@ -12,7 +12,7 @@ use super::sampler::Sampler;
 use crate::admission::Reservation;
 use crate::backend::Prompt;
 use crate::backend::{
-    FinishReason, GenEvent, GenerationRequest, Outcome, PromptRead, TokenLogprob, Usage,
+    FinishReason, GenEvent, GenerationRequest, Grammar, Outcome, PromptRead, TokenLogprob, Usage,
 };
 use crate::config::StudentConfig;
 use crate::error::DuetError;
@@ -48,6 +48,8 @@ pub struct Sequence {
     middle: Option<MiddleGuard>,
     /// Holds the output to the request's grammar.
     guide: Option<Guide>,
+    /// Special tokens are part of the text (a tool call's `<tool_call>`, for its parser).
+    special_text: bool,
     /// Alternatives to report per token, when log probabilities were asked for.
     logprobs: Option<usize>,
     logprob_scratch: LogprobScratch,
@@ -87,7 +89,7 @@ impl Sequence {
                 return Err(Outcome::Failed);
             }
         };
-        let guide = match request.grammar.clone().map(|g| guide(m, g)).transpose() {
+        let guide = match guide(m, &request) {
             Ok(guide) => guide,
             Err(e) => {
                 let _ = started.send(Err(e));
@@ -132,6 +134,7 @@ impl Sequence {
                 _ => None,
             },
             guide,
+            special_text: request.tools.is_some(),
             logprobs: request.logprobs,
             logprob_scratch: LogprobScratch::default(),
             pending_logprobs: Vec::new(),
@@ -224,7 +227,7 @@ impl Sequence {
         }
         self.completion_tokens += 1;
         let first_token_at = *self.first_token_at.get_or_insert_with(Instant::now);
-        if !m.tokenizer.is_special(token) {
+        if self.special_text || !m.tokenizer.is_special(token) {
             if let Some(alternatives) = self.logprobs {
                 let entry = self
                     .logprob_scratch
@@ -350,18 +353,32 @@ impl Sequence {
     }
 }
 
-/// A guide for the request's grammar, or a 400 saying why it cannot be followed.
-fn guide(m: &LoadedModel, grammar: crate::backend::Grammar) -> Result<Guide, DuetError> {
-    let crate::backend::Grammar::Json(schema) = grammar;
+/// A guide for the request's grammar or tools, or a 400 saying why they cannot be followed.
+fn guide(m: &LoadedModel, request: &GenerationRequest) -> Result<Option<Guide>, DuetError> {
+    let (grammar, param) = match (&request.grammar, &request.tools) {
+        (Some(Grammar::Json(schema)), _) => {
+            (grammar::json_schema(schema.clone()), "response_format")
+        }
+        (None, Some(tools)) => (grammar::tools::grammar(tools, has_tool_tokens(m)), "tools"),
+        (None, None) => return Ok(None),
+    };
     let mut end_tokens: Vec<u32> = m.end_tokens.iter().copied().collect();
     end_tokens.sort_unstable();
-    m.grammars.guide(
-        &m.tokenizer,
-        m.model.shape.vocab,
-        &end_tokens,
-        grammar::json_schema(schema),
-        "response_format",
-    )
+    m.grammars
+        .guide(
+            &m.tokenizer,
+            m.model.shape.vocab,
+            &end_tokens,
+            grammar,
+            param,
+        )
+        .map(Some)
+}
+
+/// Whether the model writes tool calls with tokens of its own (Qwen2.5).
+fn has_tool_tokens(m: &LoadedModel) -> bool {
+    m.tokenizer.special_id("<tool_call>").is_some()
+        && m.tokenizer.special_id("</tool_call>").is_some()
 }
 
 /// The prompt's tokens (and whether they were cut to fit) and how many tokens may be
@@ -388,8 +405,11 @@ fn prepare(
     // the request's max_tokens, so an IDE's warm-up call (max_tokens 0) lays out the very
     // prompt its completions will: they find it in the prompt cache.
     let answer_room = config.max_new_tokens.min(context / 2);
-    let (prompt, truncated) =
-        m.prompt_tokens(&request.prompt, context.saturating_sub(answer_room))?;
+    let (prompt, truncated) = m.prompt_tokens(
+        &request.prompt,
+        request.tools.as_ref(),
+        context.saturating_sub(answer_room),
+    )?;
     if prompt.is_empty() {
         // Possible with a template that adds nothing around empty messages.
         let param = match request.prompt {

@@ -9,6 +9,7 @@
 //! computing the full mask over the vocabulary when the token is refused, as mistral.rs does.
 
 mod guide;
+pub mod tools;
 mod vocabulary;
 
 use std::sync::{Arc, OnceLock};

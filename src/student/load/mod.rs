@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use footprint::Footprint;
 use gguf::GgufHeader;
 
-use crate::backend::{Prompt, SamplingDefaults};
+use crate::backend::{Prompt, SamplingDefaults, ToolUse};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
 use crate::student::grammar::Grammars;
@@ -114,18 +114,23 @@ impl LoadedModel {
         })
     }
 
-    /// The token ids the model reads for `prompt`, in at most `budget` tokens where the
+    /// The token ids the model reads for `prompt` (with `tools` offered), in at most `budget` tokens where the
     /// prompt can be cut to fit (fill-in-the-middle: far from the cursor first); says
     /// whether it was cut. Other prompts are never cut: the caller refuses one too long.
     pub fn prompt_tokens(
         &self,
         prompt: &Prompt,
+        tools: Option<&ToolUse>,
         budget: usize,
     ) -> Result<(Vec<u32>, bool), DuetError> {
         let whole = |tokens| Ok((tokens, false));
         match prompt {
             Prompt::Chat(messages) => {
-                whole(self.tokenizer.encode(&self.template.render(messages)?)?)
+                let text = match tools {
+                    Some(tools) => self.template.render_with_tools(messages, &tools.tools)?,
+                    None => self.template.render(messages)?,
+                };
+                whole(self.tokenizer.encode(&text)?)
             }
             Prompt::Text(text) => whole(self.tokenizer.encode(text)?),
             Prompt::Tokens(ids) => {
