@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh all
 scripts/install-browser.sh >/dev/null   # Chromium and Playwright for tests/browser.rs
+scripts/install-sdk.sh >/dev/null       # OpenAI's Python SDK for tests/openai_sdk.rs
 cargo test --release "$@"
