@@ -149,15 +149,33 @@ async fn streamed_calls_arrive_as_openai_deltas() {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap())
             .collect();
-        let deltas: Vec<&Value> = chunks
+        // As clients put them together: by index, the first delta with id, type and name,
+        // the arguments in pieces.
+        let mut calls: Vec<Value> = Vec::new();
+        for delta in chunks
             .iter()
             .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
             .flatten()
-            .collect();
-        assert!(!deltas.is_empty(), "{events:?}");
-        assert_eq!(deltas[0]["index"], 0);
-        for delta in &deltas {
-            assert_call(delta);
+        {
+            let index = delta["index"].as_u64().unwrap() as usize;
+            if index == calls.len() {
+                assert!(
+                    delta["id"].is_string() && delta["function"]["name"].is_string(),
+                    "{delta}"
+                );
+                calls.push(delta.clone());
+            } else {
+                let arguments = &mut calls[index]["function"]["arguments"];
+                *arguments = json!(format!(
+                    "{}{}",
+                    arguments.as_str().unwrap(),
+                    delta["function"]["arguments"].as_str().unwrap()
+                ));
+            }
+        }
+        assert!(!calls.is_empty(), "{events:?}");
+        for call in &calls {
+            assert_call(call);
         }
         let finish: Vec<&Value> = chunks
             .iter()

@@ -73,7 +73,8 @@ fn call_json(index: usize, name: &str, arguments: &str) -> Value {
 }
 
 impl ChatShape {
-    /// Events for pieces of a tool-offering answer: content deltas and whole calls.
+    /// Events for pieces of a tool-offering answer: content deltas, and calls as OpenAI
+    /// streams them (index, id, type and name first, then the arguments in pieces).
     fn pieces(
         &self,
         index: u32,
@@ -91,6 +92,14 @@ impl ChatShape {
                     call += 1;
                     (None, Some(json!([call_json(call - 1, name, arguments)])))
                 }
+                Piece::Opened { name } => {
+                    call += 1;
+                    (None, Some(json!([call_json(call - 1, name, "")])))
+                }
+                Piece::Arguments(more) => (
+                    None,
+                    Some(json!([{"index": call - 1, "function": {"arguments": more}}])),
+                ),
             };
             let delta = Delta {
                 role: None,
@@ -170,7 +179,8 @@ impl Shape for ChatShape {
                                 call
                             })
                             .collect();
-                        let reason = if calls.is_empty() {
+                        // Cut by max_tokens, it says so whatever the calls.
+                        let reason = if calls.is_empty() || finish_reason != FinishReason::Stop {
                             finish_reason
                         } else {
                             FinishReason::ToolCalls
@@ -236,7 +246,7 @@ impl Shape for ChatShape {
         let before = parser.calls;
         let rest = parser.finish();
         let mut out = self.pieces(index, rest, before, &[]).to_vec();
-        let reason = if parser.calls > 0 {
+        let reason = if parser.calls > 0 && reason == FinishReason::Stop {
             FinishReason::ToolCalls
         } else {
             reason

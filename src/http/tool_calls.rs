@@ -1,8 +1,9 @@
 //! Tool calls out of the student's text. The model writes each call as
 //! `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, or one call bare as the
-//! whole answer (its grammar sees to both); text around the calls is the message's content. Streamed text is passed on as it comes,
-//! less any tail that may be the start of `<tool_call>`; each call goes out whole once its
-//! closing tag has arrived.
+//! whole answer (its grammar sees to both); text around the calls is the message's content.
+//! Streamed text is passed on as it comes, less any tail that may be the start of
+//! `<tool_call>`; a call opens once its name is known and its arguments follow in pieces as
+//! they are written, as OpenAI streams them.
 
 use serde_json::Value;
 
@@ -13,11 +14,61 @@ const CLOSE: &str = "</tool_call>";
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
     Content(String),
-    /// A call: the function's name and its arguments as a JSON string (OpenAI's form).
+    /// A whole call: the function's name and its arguments as a JSON string (OpenAI's form).
     Call {
         name: String,
         arguments: String,
     },
+    /// A call whose arguments follow in [`Arguments`](Piece::Arguments) pieces.
+    Opened {
+        name: String,
+    },
+    /// The next piece of the open call's arguments.
+    Arguments(String),
+}
+
+/// Where the open call's arguments stand: nesting, inside a string, after a backslash.
+#[derive(Debug, Default)]
+struct Scan {
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Scan {
+    /// How many bytes of `text` belong to the arguments value (all of it if it goes on),
+    /// and whether the value ended there.
+    fn take(&mut self, text: &str) -> (usize, bool) {
+        for (i, c) in text.char_indices() {
+            let end = i + c.len_utf8();
+            if self.in_string {
+                match (self.escaped, c) {
+                    (true, _) => self.escaped = false,
+                    (false, '\\') => self.escaped = true,
+                    (false, '"') => {
+                        self.in_string = false;
+                        if self.depth == 0 {
+                            return (end, true);
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '"' => self.in_string = true,
+                '{' | '[' => self.depth += 1,
+                '}' | ']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return (end, true);
+                    }
+                }
+                _ => {}
+            }
+        }
+        (text.len(), false)
+    }
 }
 
 /// Splits a stream of text into content and calls.
@@ -25,6 +76,10 @@ pub enum Piece {
 pub struct ToolCallText {
     pending: String,
     in_call: bool,
+    /// The open call's arguments are being passed on (its name went out).
+    arguments: Option<Scan>,
+    /// The open call's arguments are complete: the rest up to `</tool_call>` is dropped.
+    arguments_done: bool,
     /// Whether content has gone out (an answer opening with `{` is held: a bare call).
     spoke: bool,
     /// Calls found so far.
@@ -37,7 +92,38 @@ impl ToolCallText {
         self.pending.push_str(text);
         let mut out = Vec::new();
         loop {
-            if self.in_call {
+            if self.in_call
+                && self.arguments.is_none()
+                && !self.arguments_done
+                && let Some((name, start)) = call_head(&self.pending)
+            {
+                self.pending.drain(..start);
+                self.calls += 1;
+                self.arguments = Some(Scan::default());
+                out.push(Piece::Opened { name });
+                continue;
+            }
+            if let Some(scan) = &mut self.arguments {
+                let (taken, ended) = scan.take(&self.pending);
+                let piece: String = self.pending.drain(..taken).collect();
+                if !piece.is_empty() {
+                    out.push(Piece::Arguments(piece));
+                }
+                if !ended {
+                    break;
+                }
+                self.arguments = None;
+                self.arguments_done = true;
+                continue;
+            }
+            if self.in_call && self.arguments_done {
+                let Some(end) = self.pending.find(CLOSE) else {
+                    break;
+                };
+                self.pending.drain(..end + CLOSE.len());
+                self.in_call = false;
+                self.arguments_done = false;
+            } else if self.in_call {
                 let Some(end) = self.pending.find(CLOSE) else {
                     break;
                 };
@@ -73,9 +159,14 @@ impl ToolCallText {
         out
     }
 
-    /// Whatever is left when the text ends: a call cut short stays text.
+    /// Whatever is left when the text ends: a call cut short before its arguments began
+    /// stays text (one whose arguments were going out stays cut).
     pub fn finish(&mut self) -> Vec<Piece> {
         let rest = std::mem::take(&mut self.pending);
+        if self.arguments.take().is_some() || std::mem::take(&mut self.arguments_done) {
+            self.in_call = false;
+            return Vec::new();
+        }
         if !self.spoke
             && self.calls == 0
             && !self.in_call
@@ -104,6 +195,23 @@ impl ToolCallText {
     }
 }
 
+/// The name of a call whose text so far is `{"name": "...", "arguments": ` (any blank
+/// space), and where its arguments begin; `None` until that much has come.
+fn call_head(text: &str) -> Option<(String, usize)> {
+    let key = text.find("\"arguments\"")?;
+    let after = &text[key + "\"arguments\"".len()..];
+    let colon = after.find(':')?;
+    if !after[..colon].trim().is_empty() {
+        return None;
+    }
+    let value = after[colon + 1..].find(|c: char| !c.is_whitespace())?;
+    let head = format!("{}}}", text[..key].trim().trim_end_matches(','));
+    let name = serde_json::from_str::<Value>(&head).ok()?["name"]
+        .as_str()?
+        .to_string();
+    Some((name, key + "\"arguments\"".len() + colon + 1 + value))
+}
+
 /// `{"name": ..., "arguments": {...}}` as a call.
 fn parse_call(body: &str) -> Option<Piece> {
     let call: Value = serde_json::from_str(body).ok()?;
@@ -127,6 +235,12 @@ pub fn split(text: &str) -> (Option<String>, Vec<(String, String)>) {
         match piece {
             Piece::Content(c) => content.push_str(&c),
             Piece::Call { name, arguments } => calls.push((name, arguments)),
+            Piece::Opened { name } => calls.push((name, String::new())),
+            Piece::Arguments(more) => {
+                if let Some((_, arguments)) = calls.last_mut() {
+                    arguments.push_str(&more);
+                }
+            }
         }
     }
     let content = content.trim();
@@ -145,7 +259,7 @@ mod tests {
             Piece::Content("Let me check.\n".into()),
             Piece::Call {
                 name: "get_weather".into(),
-                arguments: r#"{"city":"Paris"}"#.into(),
+                arguments: r#"{"city": "Paris"}"#.into(),
             },
             Piece::Call {
                 name: "get_time".into(),
@@ -160,11 +274,18 @@ mod tests {
                 pieces.extend(parser.push(&chunk.iter().collect::<String>()));
             }
             pieces.extend(parser.finish());
-            // Content may arrive in several pieces: join adjacent ones.
+            // Content may arrive in several pieces, arguments too: join them.
             let mut joined: Vec<Piece> = Vec::new();
             for p in pieces {
                 match (joined.last_mut(), p) {
                     (Some(Piece::Content(a)), Piece::Content(b)) => a.push_str(&b),
+                    (Some(Piece::Call { arguments, .. }), Piece::Arguments(b)) => {
+                        arguments.push_str(&b)
+                    }
+                    (_, Piece::Opened { name }) => joined.push(Piece::Call {
+                        name,
+                        arguments: String::new(),
+                    }),
                     (_, p) => joined.push(p),
                 }
             }

@@ -312,38 +312,14 @@ mod tests {
                     let mut ours = vec![0f32; m * n];
                     matmul(format, &bytes, (m, k, n), &x, &mut ours);
                     let mut candles = vec![0f32; m * n];
-                    match dtype {
-                        GgmlDType::Q4_1 => candle_product::<k_quants::BlockQ4_1>(
-                            &bytes,
-                            (m, k, n),
-                            &x,
-                            &mut candles,
-                        ),
-                        GgmlDType::Q5_0 => candle_product::<k_quants::BlockQ5_0>(
-                            &bytes,
-                            (m, k, n),
-                            &x,
-                            &mut candles,
-                        ),
-                        GgmlDType::Q8_0 => candle_product::<k_quants::BlockQ8_0>(
-                            &bytes,
-                            (m, k, n),
-                            &x,
-                            &mut candles,
-                        ),
-                        GgmlDType::Q4K => candle_product::<k_quants::BlockQ4K>(
-                            &bytes,
-                            (m, k, n),
-                            &x,
-                            &mut candles,
-                        ),
-                        _ => candle_product::<k_quants::BlockQ6K>(
-                            &bytes,
-                            (m, k, n),
-                            &x,
-                            &mut candles,
-                        ),
-                    }
+                    let candle_product: Product = match dtype {
+                        GgmlDType::Q4_1 => candle_product::<k_quants::BlockQ4_1>,
+                        GgmlDType::Q5_0 => candle_product::<k_quants::BlockQ5_0>,
+                        GgmlDType::Q8_0 => candle_product::<k_quants::BlockQ8_0>,
+                        GgmlDType::Q4K => candle_product::<k_quants::BlockQ4K>,
+                        _ => candle_product::<k_quants::BlockQ6K>,
+                    };
+                    candle_product(&bytes, (m, k, n), &x, &mut candles);
                     let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
                     let expected = xt.matmul(&reference.t().unwrap()).unwrap();
                     let mass = xt
@@ -375,6 +351,9 @@ mod tests {
             }
         }
     }
+
+    /// A product `dst (m x n) = x (m x k) @ weights^T` over GGUF bytes.
+    type Product = fn(&[u8], (usize, usize, usize), &[f32], &mut [f32]);
 
     /// candle's generic quantized product over the same GGUF bytes.
     fn candle_product<T: GgmlType>(
