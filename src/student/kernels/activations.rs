@@ -42,36 +42,43 @@ pub fn chunks_per_row(k: usize, groups: usize) -> usize {
 
 /// Quantizes one row of activations the way llama.cpp's Q8_0/Q8_1 do (scale = max |x| / 127),
 /// with `offset` the weights' constant offset, into `out` (`chunks_per_row` chunks):
-/// `interleaved` for the prompt kernel, in value order for the decoding one; `q` is scratch
-/// space. Spans past the row's end are zeroed, so they add nothing whatever the
+/// `interleaved` for the prompt kernel, in value order for the decoding one; `scratch` is
+/// reused from row to row. Spans past the row's end are zeroed, so they add nothing whatever the
 /// weights hold there.
 pub fn quantize_row<const G: usize>(
     x: &[f32],
     offset: i32,
     interleaved: bool,
-    q: &mut Vec<i8>,
+    scratch: &mut RowScratch,
     out: &mut [ActChunk<G>],
 ) {
     let k = x.len();
     let span = 4 * G;
+    let RowScratch {
+        q,
+        block_d,
+        span_sums,
+    } = scratch;
     q.resize(k, 0);
     // llama.cpp's activation blocks store the scale (and Q8_1's scaled sum) as f16;
     // rounding them the same way keeps greedy answers close to llama.cpp's.
     let f16_round = |v: f32| half::f16::from_f32(v).to_f32();
     // (d rounded to f16, d) of each 32-value block.
-    let block_d: Vec<(f32, f32)> = x
-        .chunks_exact(BLOCK)
-        .zip(q.chunks_exact_mut(BLOCK))
-        .map(|(values, q)| {
-            let d = quantize_block(values.try_into().unwrap(), q.try_into().unwrap());
-            (f16_round(d), d)
-        })
-        .collect();
+    block_d.clear();
+    block_d.extend(
+        x.chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .map(|(values, q)| {
+                let d = quantize_block(values.try_into().unwrap(), q.try_into().unwrap());
+                (f16_round(d), d)
+            }),
+    );
     let spans = k / span;
-    let span_sums: Vec<i32> = q
-        .chunks_exact(span)
-        .map(|values| values.iter().map(|&v| v as i32).sum())
-        .collect();
+    span_sums.clear();
+    span_sums.extend(
+        q.chunks_exact(span)
+            .map(|values| values.iter().map(|&v| v as i32).sum::<i32>()),
+    );
     for (c, chunk) in out.iter_mut().enumerate() {
         let chunk_spans = (spans - 16 * c).min(16);
         let values = &q[c * 64 * G..(c * 64 * G + 64 * G).min(k)];
@@ -145,6 +152,20 @@ fn quantize_block_portable(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
     d
 }
 
+/// One row's bytes in value order, its blocks' scales and its spans' sums, on their way into
+/// chunks.
+#[derive(Default)]
+pub struct RowScratch {
+    q: Vec<i8>,
+    block_d: Vec<(f32, f32)>,
+    span_sums: Vec<i32>,
+}
+
+thread_local! {
+    // Reused: a row is quantized for every product of every token.
+    static ROW_SCRATCH: std::cell::RefCell<RowScratch> = std::cell::RefCell::new(RowScratch::default());
+}
+
 thread_buffer!(ActChunk<8>);
 thread_buffer!(ActChunk<4>);
 
@@ -165,13 +186,15 @@ where
         // Every element is overwritten by `quantize_row`: only growth needs initialising.
         scratch.resize(m * per_row, ActChunk::default());
         let quantize = |rows: std::ops::Range<usize>, out: &mut [ActChunk<G>]| {
-            let mut q = Vec::new();
-            for (row, out) in lhs[rows.start * k..rows.end * k]
-                .chunks_exact(k)
-                .zip(out.chunks_exact_mut(per_row))
-            {
-                quantize_row(row, offset, interleaved, &mut q, out);
-            }
+            ROW_SCRATCH.with(|scratch| {
+                let scratch = &mut scratch.borrow_mut();
+                for (row, out) in lhs[rows.start * k..rows.end * k]
+                    .chunks_exact(k)
+                    .zip(out.chunks_exact_mut(per_row))
+                {
+                    quantize_row(row, offset, interleaved, scratch, out);
+                }
+            });
         };
         if m == 1 {
             quantize(0..1, scratch);

@@ -177,14 +177,15 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
     c: usize,
     spans: usize,
 ) -> (__m512, __m512) {
-    let in_row = ((1u32 << spans) - 1) as u16;
-    // Lane `l` holds span `lane_span(l)`: the mask of lanes whose span exists.
-    let mut mask = 0u16;
-    for lane in 0..16 {
-        if in_row & (1 << super::lane_span(lane, G)) != 0 {
-            mask |= 1 << lane;
-        }
-    }
+    // Lane `l` holds span `lane_span(l)`: the mask of lanes whose span exists (all of them
+    // but in a row's last chunk).
+    let mask = if spans == 16 {
+        u16::MAX
+    } else {
+        (0..16)
+            .filter(|&lane| super::lane_span(lane, G) < spans)
+            .fold(0u16, |mask, lane| mask | 1 << lane)
+    };
     // SAFETY: every gathered or loaded byte belongs to a span below `spans` of chunk `c`,
     // which the caller vouches lie in the row.
     unsafe {

@@ -261,7 +261,7 @@ fn pad<const R: usize>(sums: [[f32; COLUMN_TILE]; R]) -> [[f32; COLUMN_TILE]; RO
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::student::kernels::activations::quantize_row;
+    use crate::student::kernels::activations::{RowScratch, quantize_row};
     use candle_core::quantized::k_quants::{self, GgmlType};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
@@ -436,7 +436,7 @@ mod tests {
         let x: Vec<f32> = (0..608).map(|i| (i % 200) as f32 - 20.0).collect();
         let mut out = [ActChunk::<8>::default(); 2];
         out[1].qs[3] = [5; 64]; // stale values from an earlier product
-        quantize_row(&x, 16, true, &mut Vec::new(), &mut out);
+        quantize_row(&x, 16, true, &mut RowScratch::default(), &mut out);
         let (full, short) = (&out[0], &out[1]);
         // Lane 0 holds span 0, lane 8 span 1, lane 1 span 2 (the transpose's order).
         assert_eq!(
