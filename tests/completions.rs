@@ -168,12 +168,7 @@ async fn continue_autocomplete_streams_text_completion_chunks() {
     )
     .await;
     assert_eq!(resp.status(), 200);
-    let events = sse_events(&resp.text().await.unwrap());
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = common::sse_chunks(&resp.text().await.unwrap());
     assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
     let text: String = chunks
         .iter()

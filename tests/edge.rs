@@ -174,12 +174,7 @@ async fn a_stream_is_framed_as_openai_sse() {
             .unwrap()
             .starts_with("text/event-stream")
     );
-    let events = events(&resp.text().await.unwrap());
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = common::sse_chunks(&resp.text().await.unwrap());
     let id = &chunks[0]["id"];
     assert!(chunks.iter().all(|c| &c["id"] == id));
     assert!(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{QWEN, SMOLLM2, model_id, post, qwen, smollm2, sse_events};
+use common::{QWEN, SMOLLM2, model_id, post, qwen, smollm2};
 use serde_json::{Value, json};
 
 fn tools() -> Value {
@@ -143,12 +143,7 @@ async fn streamed_calls_arrive_as_openai_deltas() {
     for (base, model) in [(smollm2(), SMOLLM2), (qwen(), QWEN)] {
         let resp = post(base, request(model, json!("required"), 9, true)).await;
         assert_eq!(resp.status(), 200);
-        let events = sse_events(&resp.text().await.unwrap());
-        assert_eq!(events.last().unwrap(), "[DONE]");
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
+        let chunks = common::sse_chunks(&resp.text().await.unwrap());
         // As clients put them together: by index, the first delta with id, type and name,
         // the arguments in pieces.
         let mut calls: Vec<Value> = Vec::new();
@@ -173,7 +168,7 @@ async fn streamed_calls_arrive_as_openai_deltas() {
                 ));
             }
         }
-        assert!(!calls.is_empty(), "{events:?}");
+        assert!(!calls.is_empty(), "{chunks:?}");
         for call in &calls {
             assert_call(call);
         }

@@ -62,14 +62,17 @@ struct ChatShape {
     tool_calls: Option<Mutex<ToolCallText>>,
 }
 
-/// One call as OpenAI writes it, in a message or (with `index`) a stream's delta.
-fn call_json(index: usize, name: &str, arguments: &str) -> Value {
-    json!({
-        "index": index,
+/// One call as OpenAI writes it: in a message, or with `index` in a stream's delta.
+fn call_json(index: Option<usize>, name: &str, arguments: &str) -> Value {
+    let mut call = json!({
         "id": format!("call_{}", uuid::Uuid::new_v4().simple()),
         "type": "function",
         "function": {"name": name, "arguments": arguments},
-    })
+    });
+    if let Some(index) = index {
+        call["index"] = json!(index);
+    }
+    call
 }
 
 impl ChatShape {
@@ -90,11 +93,14 @@ impl ChatShape {
                 Piece::Content(text) => (Some(text.as_str()), None),
                 Piece::Call { name, arguments } => {
                     call += 1;
-                    (None, Some(json!([call_json(call - 1, name, arguments)])))
+                    (
+                        None,
+                        Some(json!([call_json(Some(call - 1), name, arguments)])),
+                    )
                 }
                 Piece::Opened { name } => {
                     call += 1;
-                    (None, Some(json!([call_json(call - 1, name, "")])))
+                    (None, Some(json!([call_json(Some(call - 1), name, "")])))
                 }
                 Piece::Arguments(more) => (
                     None,
@@ -172,12 +178,7 @@ impl Shape for ChatShape {
                         let (content, calls) = split(&f.text);
                         let calls: Vec<Value> = calls
                             .iter()
-                            .enumerate()
-                            .map(|(i, (name, arguments))| {
-                                let mut call = call_json(i, name, arguments);
-                                call.as_object_mut().map(|c| c.remove("index"));
-                                call
-                            })
+                            .map(|(name, arguments)| call_json(None, name, arguments))
                             .collect();
                         // Cut by max_tokens, it says so whatever the calls.
                         let reason = if calls.is_empty() || finish_reason != FinishReason::Stop {

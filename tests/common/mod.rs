@@ -100,6 +100,16 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The JSON chunks of an SSE body that ends with `data: [DONE]` (checked), in order.
+pub fn sse_chunks(body: &str) -> Vec<serde_json::Value> {
+    let events = sse_events(body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
 /// The official-SDK-style client pointed at a duet base URL.
 pub fn client(base: &str) -> Client<OpenAIConfig> {
     Client::with_config(

@@ -362,16 +362,8 @@ fn guide(m: &LoadedModel, request: &GenerationRequest) -> Result<Option<Guide>, 
         (None, Some(tools)) => (grammar::tools::grammar(tools, has_tool_tokens(m)), "tools"),
         (None, None) => return Ok(None),
     };
-    let mut end_tokens: Vec<u32> = m.end_tokens.iter().copied().collect();
-    end_tokens.sort_unstable();
     m.grammars
-        .guide(
-            &m.tokenizer,
-            m.model.shape.vocab,
-            &end_tokens,
-            grammar,
-            param,
-        )
+        .guide(&m.tokenizer, m.model.shape.vocab, grammar, param)
         .map(Some)
 }
 

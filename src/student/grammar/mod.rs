@@ -29,30 +29,40 @@ use crate::student::text::tokenizer::StudentTokenizer;
 const WHITESPACE: &str = r"\x20|\n\x20{0,12}";
 
 /// A model's grammar compiler, built on first use.
-#[derive(Default)]
 pub struct Grammars {
     factory: OnceLock<Result<Arc<ParserFactory>, String>>,
+    /// The tokens that end the model's turn, in order.
+    end_tokens: Vec<u32>,
 }
 
 impl Grammars {
+    /// The compiler for a model whose turn ends with any of `end_tokens`.
+    pub fn new(end_tokens: impl IntoIterator<Item = u32>) -> Self {
+        let mut end_tokens: Vec<u32> = end_tokens.into_iter().collect();
+        end_tokens.sort_unstable();
+        Self {
+            factory: OnceLock::new(),
+            end_tokens,
+        }
+    }
+
     /// A guide for `grammar`, or a 400 naming `param` with the compiler's reason.
     pub fn guide(
         &self,
         tokenizer: &StudentTokenizer,
         vocab: usize,
-        end_tokens: &[u32],
         grammar: TopLevelGrammar,
         param: &str,
     ) -> Result<Guide, DuetError> {
         let factory = self
             .factory
-            .get_or_init(|| build_factory(tokenizer, vocab, end_tokens))
+            .get_or_init(|| build_factory(tokenizer, vocab, &self.end_tokens))
             .as_ref()
             .map_err(|e| DuetError::Internal(format!("grammar support: {e}")))?;
         let parser = factory
             .create_parser(grammar)
             .map_err(|e| DuetError::invalid(param, format!("cannot be followed: {e:#}")))?;
-        Ok(Guide::new(parser, end_tokens))
+        Ok(Guide::new(parser, &self.end_tokens))
     }
 }
 

@@ -139,41 +139,44 @@ fn product<B: BlockFormat, const G: usize>(
     let decoding = m <= ROW_TILE;
     with_quantized::<G, _>(lhs, (m, k), B::OFFSET, !decoding, |acts, _| {
         let dst_addr = dst.as_mut_ptr() as usize;
+        let store = |row: usize, col: usize, value: f32| {
+            // SAFETY: each (row, column) of dst belongs to exactly one work item, and dst
+            // (at least `m * n` values) outlives `for_each_range`, which returns when all are
+            // done.
+            unsafe { *(dst_addr as *mut f32).add(row * n + col) = value };
+        };
         let row = |i: usize| &acts[i * chunks..(i + 1) * chunks];
         if decoding {
             for_each_range(n.div_ceil(COLUMN_CHUNK), |groups| {
                 for col in groups.start * COLUMN_CHUNK..n.min(groups.end * COLUMN_CHUNK) {
                     let w = &weights[col * row_bytes..(col + 1) * row_bytes];
-                    let shape = chunks;
                     // SAFETY: `cpu_supported` was asserted; `w` is the whole row and every
                     // activation row holds `chunks` chunks.
                     let sums: [f32; ROW_TILE] = unsafe {
                         match m {
-                            1 => pad_row(avx512::dot_row::<B, G, 1>(w, blocks, [row(0)], shape)),
+                            1 => pad_row(avx512::dot_row::<B, G, 1>(w, blocks, [row(0)], chunks)),
                             2 => pad_row(avx512::dot_row::<B, G, 2>(
                                 w,
                                 blocks,
                                 [row(0), row(1)],
-                                shape,
+                                chunks,
                             )),
                             3 => pad_row(avx512::dot_row::<B, G, 3>(
                                 w,
                                 blocks,
                                 [row(0), row(1), row(2)],
-                                shape,
+                                chunks,
                             )),
                             _ => avx512::dot_row::<B, G, 4>(
                                 w,
                                 blocks,
                                 std::array::from_fn(row),
-                                shape,
+                                chunks,
                             ),
                         }
                     };
-                    for (r, sum) in sums.iter().enumerate().take(m) {
-                        // SAFETY: each (row, column) of dst belongs to exactly one work item,
-                        // and dst outlives `for_each_range`, which returns when all are done.
-                        unsafe { *(dst_addr as *mut f32).add(r * n + col) = *sum };
+                    for (r, &sum) in sums.iter().enumerate().take(m) {
+                        store(r, col, sum);
                     }
                 }
             });
@@ -187,31 +190,30 @@ fn product<B: BlockFormat, const G: usize>(
                 let rows_left = m - first_row;
                 let rows: [&[ActChunk<G>]; ROW_TILE] =
                     std::array::from_fn(|r| row(first_row + r.min(rows_left - 1)));
-                let shape = chunks;
                 // SAFETY: `cpu_supported` was asserted; every column and row holds `chunks`.
                 let sums: [[f32; COLUMN_TILE]; ROW_TILE] = unsafe {
                     match rows_left {
-                        1 => pad(avx512::tile::<B, G, 1, COLUMN_TILE>(cols, [rows[0]], shape)),
+                        1 => pad(avx512::tile::<B, G, 1, COLUMN_TILE>(
+                            cols,
+                            [rows[0]],
+                            chunks,
+                        )),
                         2 => pad(avx512::tile::<B, G, 2, COLUMN_TILE>(
                             cols,
                             [rows[0], rows[1]],
-                            shape,
+                            chunks,
                         )),
                         3 => pad(avx512::tile::<B, G, 3, COLUMN_TILE>(
                             cols,
                             [rows[0], rows[1], rows[2]],
-                            shape,
+                            chunks,
                         )),
-                        _ => avx512::tile::<B, G, ROW_TILE, COLUMN_TILE>(cols, rows, shape),
+                        _ => avx512::tile::<B, G, ROW_TILE, COLUMN_TILE>(cols, rows, chunks),
                     }
                 };
                 for (r, sums) in sums.iter().enumerate().take(rows_left.min(ROW_TILE)) {
-                    for (c, sum) in sums.iter().enumerate().take(columns) {
-                        // SAFETY: each (row, column) of dst belongs to exactly one work item,
-                        // and dst outlives `for_each_range`, which returns when all are done.
-                        unsafe {
-                            *(dst_addr as *mut f32).add((first_row + r) * n + first_col + c) = *sum;
-                        }
+                    for (c, &sum) in sums.iter().enumerate().take(columns) {
+                        store(first_row + r, first_col + c, sum);
                     }
                 }
             };
@@ -280,13 +282,7 @@ mod tests {
             return;
         }
         let n = 37;
-        for dtype in [
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q6K,
-        ] {
+        for dtype in FORMATS {
             let format = Format::for_dtype(dtype).unwrap();
             // 96 values = 3 blocks: a whole pair and a lone last block, in one partly filled
             // chunk; 1,120 fill two chunks and part of a third. K-quants come in super-blocks
@@ -352,6 +348,15 @@ mod tests {
         }
     }
 
+    /// Every GGUF format duet has a kernel for.
+    const FORMATS: [GgmlDType; 5] = [
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ];
+
     /// A product `dst (m x n) = x (m x k) @ weights^T` over GGUF bytes.
     type Product = fn(&[u8], (usize, usize, usize), &[f32], &mut [f32]);
 
@@ -380,13 +385,7 @@ mod tests {
             return;
         }
         let n = 21;
-        for dtype in [
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q6K,
-        ] {
+        for dtype in FORMATS {
             let format = Format::for_dtype(dtype).unwrap();
             // Full chunks, a chunk of 12 spans, short last chunks of 2 and 8 spans.
             let lengths: &[usize] = if format.block_values() == 256 {

@@ -106,11 +106,11 @@ impl LoadedModel {
             model,
             tokenizer,
             template,
+            grammars: Grammars::new(end_tokens.iter().copied()),
             end_tokens,
             fim,
             sampling,
             footprint,
-            grammars: Grammars::default(),
         })
     }
 
