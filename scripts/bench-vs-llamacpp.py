@@ -17,8 +17,11 @@ prompts of each length, one generated token, alternating servers; prefill tok/s 
 ratio, and each server's rate as a share of its own rate at the shortest length.
 --sweep-only skips everything before it; --duet names another duet binary.
 
+--busy-core keeps one core busy with a Python loop (`while True: pass`) from the servers' start
+to their end, as an IDE, a browser or a compiler would beside a local server.
+
 usage: scripts/bench-vs-llamacpp.py [--rounds 5] [--threads 2] [--lengths 500,1500,3500]
-                                    [--sweep-only] [--duet PATH] MODEL.gguf...
+                                    [--sweep-only] [--busy-core] [--duet PATH] MODEL.gguf...
 """
 
 import argparse
@@ -132,7 +135,7 @@ def sweep(dp, lp, name, lengths, rounds):
     return rows
 
 
-def bench(model_path, rounds, threads, llama_python, lengths, sweep_only, duet_binary):
+def bench(model_path, rounds, threads, llama_python, lengths, sweep_only, duet_binary, busy_core):
     name = os.path.basename(model_path).removesuffix(".gguf")
     dp, lp = free_port(), free_port()
     env = {**os.environ, "RUST_LOG": "warn", "DUET_STUDENT_THREADS": str(threads)}
@@ -144,6 +147,7 @@ def bench(model_path, rounds, threads, llama_python, lengths, sweep_only, duet_b
                               # queue concurrent requests instead of cutting the running one
                               "--interrupt_requests", "false"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy_core else None
     try:
         wait_http(dp, duet)
         wait_http(lp, llama, seconds=120)
@@ -166,6 +170,9 @@ def bench(model_path, rounds, threads, llama_python, lengths, sweep_only, duet_b
         tokens = prompt_tokens(dp, name, prompt_for("round 0 duet"))
         peaks = {"duet": proc_kib(duet.pid, "VmHWM"), "llama.cpp": proc_kib(llama.pid, "VmHWM")}
     finally:
+        if busy:
+            busy.kill()
+            busy.wait()
         duet.terminate()
         llama.terminate()
         duet.wait()
@@ -195,15 +202,18 @@ def main():
     ap.add_argument("--lengths", default="500,1500,3500",
                     help="prompt lengths of the sweep, in tokens, comma-separated")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--busy-core", action="store_true", help="keep one core busy with a Python loop")
     ap.add_argument("--duet", default=DUET, help="the duet binary")
     ap.add_argument("models", nargs="+")
     args = ap.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     llama_python = ensure_llamacpp()
-    out = [bench(m, args.rounds, args.threads, llama_python, lengths, args.sweep_only, args.duet)
+    out = [bench(m, args.rounds, args.threads, llama_python, lengths, args.sweep_only, args.duet,
+                 args.busy_core)
            for m in args.models]
     print(f"{args.threads} threads, {args.rounds} alternating rounds, medians; greedy, streamed over HTTP; "
-          f"llama.cpp = llama-cpp-python 0.3.36 server")
+          f"llama.cpp = llama-cpp-python 0.3.36 server"
+          + ("; one core kept busy by `while True: pass`" if args.busy_core else ""))
     if args.sweep_only:
         print_sweep(out, lengths)
         return

@@ -72,10 +72,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    duet::student::kernels::pool::set_threads(config.student.threads);
     if config.student.threads > 0 {
         // SAFETY: no other thread exists yet (the runtime starts below), so nothing can
-        // read the environment while it changes. The model's thread pool (candle's) reads
-        // this once, when the first product runs.
+        // read the environment while it changes. candle's thread pool, which runs the
+        // formats duet has no kernel for, reads this once, when its first product runs.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", config.student.threads.to_string()) };
     }
     actix_web::rt::System::new().block_on(serve(config))

@@ -99,7 +99,7 @@ fn the_thread_setting_sizes_the_models_pool() {
         let workers = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
-            .filter(|name| name.starts_with("candle-bp"))
+            .filter(|name| name.starts_with("duet-model-"))
             .count();
         assert_eq!(
             workers,
