@@ -73,6 +73,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     duet::student::kernels::pool::set_threads(config.student.threads);
+    if let Err(e) = duet::student::kernels::select(config.student.kernels) {
+        eprintln!("duet: configuration: {e}");
+        return std::process::ExitCode::from(2);
+    }
     if config.student.threads > 0 {
         // SAFETY: no other thread exists yet (the runtime starts below), so nothing can
         // read the environment while it changes. candle's thread pool, which runs the

@@ -177,3 +177,40 @@ fn get_json(url: &str) -> serde_json::Value {
         .unwrap();
     rt.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
 }
+
+/// `student.kernels` forces a tier: `/health` names the one in use, and the model answers
+/// on it; a value that is no tier stops start-up with a message naming the setting.
+#[test]
+fn the_kernels_setting_picks_the_tier_health_reports() {
+    let (_guard, _pid, base) = start_with(&[], &[("DUET_STUDENT_KERNELS", "portable")]);
+    let answer = post_json(
+        &format!("{base}/v1/chat/completions"),
+        &serde_json::json!({
+            "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Hi"}]
+        }),
+    );
+    assert!(
+        answer["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{answer}"
+    );
+    let health = get_json(&format!("{base}/health"));
+    assert_eq!(health["student"]["kernels"], "portable", "{health}");
+
+    let (_guard, _pid, base) = start(&[]);
+    let health = get_json(&format!("{base}/health"));
+    let best = health["student"]["kernels"].as_str().unwrap().to_string();
+    assert!(
+        ["avx512", "avx2", "portable"].contains(&best.as_str()),
+        "{health}"
+    );
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args(["serve", "--port", "0"])
+        .env("DUET_STUDENT_KERNELS", "avx9")
+        .output()
+        .unwrap();
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{message}");
+    assert!(message.contains("student.kernels"), "{message}");
+}

@@ -119,7 +119,7 @@ impl ChatBackend for Echo {
     }
 
     fn status(&self) -> StudentStatus {
-        let mut status = StudentStatus::unloaded(MODEL.into());
+        let mut status = StudentStatus::unloaded(MODEL.into(), "portable");
         status.completed = self.completed.load(Ordering::SeqCst);
         status.cancelled = self.cancelled.load(Ordering::SeqCst);
         status

@@ -32,6 +32,8 @@ pub enum LoadState {
 #[derive(Debug, Clone, Serialize)]
 pub struct StudentStatus {
     pub model: String,
+    /// The instruction-set level of the kernels its arithmetic runs on (`student.kernels`).
+    pub kernels: &'static str,
     #[serde(flatten)]
     pub state: LoadState,
     /// How many times the weights were loaded since start.
@@ -48,9 +50,10 @@ pub struct StudentStatus {
 
 impl StudentStatus {
     /// A model that has not been loaded yet.
-    pub fn unloaded(model: String) -> Self {
+    pub fn unloaded(model: String, kernels: &'static str) -> Self {
         Self {
             model,
+            kernels,
             state: LoadState::Unloaded,
             loads: 0,
             completed: 0,

@@ -99,6 +99,21 @@ pub enum Mode {
     Hybrid,
 }
 
+/// `student.kernels`: the instruction-set level of duet's own kernels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// The best level this CPU has.
+    #[default]
+    Auto,
+    /// AVX-512 with VNNI (Intel since Ice Lake servers, AMD since Zen 4).
+    Avx512,
+    /// AVX2 with FMA and F16C (x86-64 CPUs since about 2013-2015).
+    Avx2,
+    /// No SIMD of duet's own: candle's kernels, on any CPU.
+    Portable,
+}
+
 /// `teacher.policy`: who answers requests for the student's model name in hybrid mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -192,6 +207,9 @@ pub struct StudentConfig {
     pub parallel: usize,
     /// CPU threads for the model's arithmetic; 0 = the physical cores. Read once per process.
     pub threads: usize,
+    /// Which of duet's kernels run: the best this CPU has (`auto`), or one forced, for tests
+    /// and benchmarks. Read once per process.
+    pub kernels: Kernels,
     /// Sampling for the fields a request leaves out.
     pub sampling: SamplingConfig,
 }
@@ -225,6 +243,7 @@ impl Default for StudentConfig {
             queue_size: 64,
             parallel: 4,
             threads: 0,
+            kernels: Kernels::Auto,
             sampling: SamplingConfig::default(),
         }
     }

@@ -51,7 +51,10 @@ impl Student {
         admission: Arc<Admission>,
         keep_alive: KeepAlive,
     ) -> Self {
-        let shared = Shared::new(StudentStatus::unloaded(name));
+        let shared = Shared::new(StudentStatus::unloaded(
+            name,
+            crate::student::kernels::tier().name(),
+        ));
         let settings = EngineSettings {
             student: config.clone(),
             budget: admission.budget(),

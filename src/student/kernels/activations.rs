@@ -118,7 +118,7 @@ pub fn quantize_row<const G: usize>(
 fn interleave<const G: usize>(values: &[i8], out: &mut [[i8; 64]; G]) {
     assert_eq!(values.len(), 64 * G);
     #[cfg(target_arch = "x86_64")]
-    if super::cpu_supported() {
+    if super::avx512_in_use() {
         // SAFETY: the CPU features were checked just above, the length just before.
         return unsafe { super::avx512::interleave(values, out) };
     }
@@ -134,7 +134,7 @@ fn interleave<const G: usize>(values: &[i8], out: &mut [[i8; 64]; G]) {
 /// their scale `d = max |v| / 127`.
 fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu_supported() {
+    if super::avx512_in_use() {
         // SAFETY: the CPU features were checked just above.
         return unsafe { super::avx512::quantize_block(values, q) };
     }

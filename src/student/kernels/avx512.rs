@@ -28,7 +28,8 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 /// # Safety
 /// 16 bytes must be readable at `first` (and at `second` when given), and the CPU must have
 /// AVX-512 F/BW and AVX2.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn nibbles(first: *const u8, second: Option<*const u8>) -> __m512i {
     // SAFETY: the caller vouches for the bytes and the CPU features.
     unsafe {
@@ -45,13 +46,10 @@ unsafe fn nibbles(first: *const u8, second: Option<*const u8>) -> __m512i {
 }
 
 /// Two 32-byte halves as one register.
-///
-/// # Safety
-/// The CPU must have AVX-512 F.
-#[inline(always)]
-unsafe fn join(a: __m256i, b: __m256i) -> __m512i {
-    // SAFETY: register-only arithmetic; the caller vouches for the CPU features.
-    unsafe { _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1) }
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn join(a: __m256i, b: __m256i) -> __m512i {
+    _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)
 }
 
 /// Pair `pair` (values `64 * pair..`, the second half absent past `blocks` 32-value
@@ -60,7 +58,8 @@ unsafe fn join(a: __m256i, b: __m256i) -> __m512i {
 /// # Safety
 /// `w` must hold the whole row (`blocks` 32-value blocks of `B`; with `WHOLE`, both blocks
 /// of the pair) and the CPU must have the features `pack_column` enables.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn unpack<B: BlockFormat, const WHOLE: bool>(
     w: *const u8,
     pair: usize,
@@ -140,7 +139,8 @@ unsafe fn unpack<B: BlockFormat, const WHOLE: bool>(
 ///
 /// # Safety
 /// The span must lie inside the row at `w`.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn span_scale<B: BlockFormat>(w: *const u8, span: usize) -> (f32, f32) {
     // SAFETY: every read stays inside the block or super-block holding the span.
     unsafe {
@@ -171,7 +171,8 @@ unsafe fn span_scale<B: BlockFormat>(w: *const u8, span: usize) -> (f32, f32) {
 ///
 /// # Safety
 /// The chunk's spans must lie inside the row at `w`; the CPU must have AVX-512 F and F16C.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn span_scales<B: BlockFormat, const G: usize>(
     w: *const u8,
     c: usize,
@@ -283,7 +284,8 @@ const STAGES: [[[i32; 16]; 2]; 3] = [
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn transpose<const G: usize>(mut regs: [__m512i; G]) -> [__m512i; G] {
     // SAFETY: register-only arithmetic; the caller vouches for the CPU features.
     unsafe {
@@ -312,7 +314,7 @@ const PREFETCH_AHEAD: usize = 1024;
 /// [`WeightChunk`] per 16 spans; spans past the row's end are zero.
 ///
 /// # Safety
-/// The CPU must have the features enabled here ([`super::cpu_supported`]); `w` must hold the
+/// The CPU must have the features enabled here ([`super::avx512_in_use`]); `w` must hold the
 /// whole row and `out` `blocks * 32 / (64 * G)` rounded up chunks; `G` must be `B::GROUPS`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn pack_column<B: BlockFormat, const G: usize>(
@@ -332,7 +334,8 @@ pub unsafe fn pack_column<B: BlockFormat, const G: usize>(
 ///
 /// # Safety
 /// `w` must hold the row's `blocks` blocks; the CPU must have the features of [`tile`].
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn unpack_chunk<B: BlockFormat, const G: usize>(
     w: *const u8,
     blocks: usize,
@@ -346,7 +349,8 @@ unsafe fn unpack_chunk<B: BlockFormat, const G: usize>(
 ///
 /// # Safety
 /// As [`unpack_chunk`].
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn unpack_pair<B: BlockFormat, const G: usize>(
     w: *const u8,
     blocks: usize,
@@ -375,7 +379,8 @@ unsafe fn unpack_pair<B: BlockFormat, const G: usize>(
 ///
 /// # Safety
 /// As [`unpack_chunk`].
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn pack_chunk<B: BlockFormat, const G: usize>(
     w: *const u8,
     blocks: usize,
@@ -402,7 +407,7 @@ unsafe fn pack_chunk<B: BlockFormat, const G: usize>(
 /// on the rows beside it.
 ///
 /// # Safety
-/// The CPU must have the features enabled here ([`super::cpu_supported`]); every column and
+/// The CPU must have the features enabled here ([`super::avx512_in_use`]); every column and
 /// row must hold `chunks` chunks; `G` must be `B::GROUPS`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn tile<B: BlockFormat, const G: usize, const R: usize, const C: usize>(
@@ -444,7 +449,8 @@ pub unsafe fn tile<B: BlockFormat, const G: usize, const R: usize, const C: usiz
 ///
 /// # Safety
 /// The CPU must have the features of [`tile`].
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn accumulate<B: BlockFormat, const G: usize, const R: usize, const C: usize>(
     w: [&WeightChunk<G>; C],
     a: [&ActChunk<G>; R],
@@ -485,7 +491,8 @@ unsafe fn accumulate<B: BlockFormat, const G: usize, const R: usize, const C: us
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn fold<B: BlockFormat, const G: usize>(
     sums: __m512i,
     scale: __m512,
@@ -513,7 +520,7 @@ unsafe fn fold<B: BlockFormat, const G: usize>(
 /// rearranging the weights first.
 ///
 /// # Safety
-/// The CPU must have the features enabled here ([`super::cpu_supported`]); `w` must hold the
+/// The CPU must have the features enabled here ([`super::avx512_in_use`]); `w` must hold the
 /// row and every row `chunks` chunks; `G` must be `B::GROUPS`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
@@ -592,7 +599,8 @@ pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn sum_lanes(mut v: [__m512; 16]) -> __m512 {
     // SAFETY: register-only arithmetic and loads of the two index arrays.
     unsafe {
@@ -628,7 +636,8 @@ const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 3
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn add_adjacent(a: __m512i, b: __m512i) -> __m512i {
     // SAFETY: register-only arithmetic and loads of the two index arrays.
     unsafe {

@@ -138,7 +138,7 @@ impl Format {
             GgmlDType::Q6K => Self::Q6K,
             _ => return None,
         };
-        super::cpu_supported().then_some(format)
+        super::avx512_in_use().then_some(format)
     }
 
     /// Weights per stored block.

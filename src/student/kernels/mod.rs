@@ -29,6 +29,9 @@ pub use formats::Format;
 #[cfg(target_arch = "x86_64")]
 use formats::{BlockFormat, with_block};
 use pool::{ThreadBuffer, for_each_range, thread_buffer};
+use std::sync::OnceLock;
+
+use crate::config::Kernels;
 
 /// Activation rows multiplied with each column at a time.
 pub const ROW_TILE: usize = 4;
@@ -66,25 +69,95 @@ impl<const G: usize> Default for WeightChunk<G> {
 thread_buffer!(WeightChunk<8>);
 thread_buffer!(WeightChunk<4>);
 
-/// Whether this CPU has the instructions the kernels use.
-pub fn cpu_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static SUPPORTED: OnceLock<bool> = OnceLock::new();
-        *SUPPORTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
+/// The instruction-set level duet's own kernels run at, one per process ([`select`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// AVX-512 F/BW/VL with VNNI, FMA and F16C.
+    Avx512,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// Nothing of duet's own: candle's kernels and plain Rust, on any CPU.
+    Portable,
+}
+
+impl Tier {
+    /// The name `student.kernels` and `/health` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Avx512 => "avx512",
+            Tier::Avx2 => "avx2",
+            Tier::Portable => "portable",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// Whether this CPU has the tier's instructions.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            match self {
+                Tier::Avx512 => {
+                    avx2 && has!("avx512f")
+                        && has!("avx512bw")
+                        && has!("avx512vl")
+                        && has!("avx512vnni")
+                }
+                Tier::Avx2 => avx2,
+                Tier::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Tier::Portable
+        }
     }
+
+    /// The best tier this CPU has.
+    pub fn best() -> Self {
+        [Tier::Avx512, Tier::Avx2, Tier::Portable]
+            .into_iter()
+            .find(|tier| tier.available())
+            .unwrap_or(Tier::Portable)
+    }
+}
+
+static TIER: OnceLock<Tier> = OnceLock::new();
+
+/// Chooses the tier for this process from `student.kernels`, before the first product: the
+/// best this CPU has for `auto`; a tier it lacks is an error naming what it has.
+pub fn select(kernels: Kernels) -> Result<Tier, String> {
+    let wanted = match kernels {
+        Kernels::Auto => Tier::best(),
+        Kernels::Avx512 => Tier::Avx512,
+        Kernels::Avx2 => Tier::Avx2,
+        Kernels::Portable => Tier::Portable,
+    };
+    if !wanted.available() {
+        return Err(format!(
+            "student.kernels: this CPU cannot run the {} kernels (the best it has is {})",
+            wanted.name(),
+            Tier::best().name()
+        ));
+    }
+    let chosen = *TIER.get_or_init(|| wanted);
+    if chosen != wanted {
+        return Err(format!(
+            "student.kernels: the {} kernels are already in use",
+            chosen.name()
+        ));
+    }
+    Ok(chosen)
+}
+
+/// The tier in use: the one [`select`]ed, else the best this CPU has.
+pub fn tier() -> Tier {
+    *TIER.get_or_init(Tier::best)
+}
+
+/// Whether the AVX-512 kernels are in use.
+pub fn avx512_in_use() -> bool {
+    tier() == Tier::Avx512
 }
 
 /// `dst (m x n) = lhs (m x k) @ weights^T`, where `weights` holds `n` rows of `k` values in
@@ -101,7 +174,7 @@ pub fn matmul(
         "rows of {k} values are not whole blocks"
     );
     // A `Format` is public: make sure nobody built one on a CPU the kernels cannot run on.
-    assert!(cpu_supported(), "duet's kernels need AVX-512 VNNI");
+    assert!(avx512_in_use(), "duet's kernels need AVX-512 VNNI");
     let (block_values, block_bytes) = (format.block_values(), format.block_bytes());
     assert!(
         k.is_multiple_of(block_values),
@@ -150,7 +223,7 @@ fn product<B: BlockFormat, const G: usize>(
             for_each_range(n.div_ceil(COLUMN_CHUNK), |groups| {
                 for col in groups.start * COLUMN_CHUNK..n.min(groups.end * COLUMN_CHUNK) {
                     let w = &weights[col * row_bytes..(col + 1) * row_bytes];
-                    // SAFETY: `cpu_supported` was asserted; `w` is the whole row and every
+                    // SAFETY: `avx512_in_use` was asserted; `w` is the whole row and every
                     // activation row holds `chunks` chunks.
                     let sums: [f32; ROW_TILE] = unsafe {
                         match m {
@@ -190,7 +263,7 @@ fn product<B: BlockFormat, const G: usize>(
                 let rows_left = m - first_row;
                 let rows: [&[ActChunk<G>]; ROW_TILE] =
                     std::array::from_fn(|r| row(first_row + r.min(rows_left - 1)));
-                // SAFETY: `cpu_supported` was asserted; every column and row holds `chunks`.
+                // SAFETY: `avx512_in_use` was asserted; every column and row holds `chunks`.
                 let sums: [[f32; COLUMN_TILE]; ROW_TILE] = unsafe {
                     match rows_left {
                         1 => pad(avx512::tile::<B, G, 1, COLUMN_TILE>(
@@ -232,7 +305,7 @@ fn product<B: BlockFormat, const G: usize>(
                     for c in 0..columns {
                         let w = &weights[(first + c) * row_bytes..(first + c + 1) * row_bytes];
                         let out = &mut panel[c * chunks..(c + 1) * chunks];
-                        // SAFETY: `cpu_supported` was asserted; `w` is the whole row and `out`
+                        // SAFETY: `avx512_in_use` was asserted; `w` is the whole row and `out`
                         // holds its chunks.
                         unsafe { avx512::pack_column::<B, G>(w, blocks, out) };
                     }
@@ -277,7 +350,7 @@ mod tests {
     /// non-zero mean so that each format's offset term matters.
     #[test]
     fn kernels_match_candles_dequantized_reference() {
-        if !cpu_supported() {
+        if !avx512_in_use() {
             eprintln!("skipped: this CPU has no AVX-512 VNNI");
             return;
         }
@@ -381,7 +454,7 @@ mod tests {
     /// many rows (a prompt), whatever its place in a tile, for every format and chunk shape.
     #[test]
     fn a_rows_products_do_not_depend_on_the_rows_beside_it() {
-        if !cpu_supported() {
+        if !avx512_in_use() {
             return;
         }
         let n = 21;

@@ -153,7 +153,7 @@ fn attend_item(fast: bool, src: &Source, item: &Item, s: &mut Scratch) {
 
 /// Whether the AVX-512 path runs for heads of `head_dim` values (64 or 128) on this CPU.
 fn simd_supported(head_dim: usize) -> bool {
-    matches!(head_dim, 64 | 128) && crate::student::kernels::cpu_supported()
+    matches!(head_dim, 64 | 128) && crate::student::kernels::avx512_in_use()
 }
 
 /// The keys and values of one key/value head in the cache.
