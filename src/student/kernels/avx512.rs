@@ -10,17 +10,7 @@ use std::arch::x86_64::*;
 
 use super::WeightChunk;
 use super::activations::{ActChunk, BLOCK};
-use super::formats::{BlockFormat, Format};
-
-/// Reads a little-endian f16 at `p`.
-///
-/// # Safety
-/// `p` and `p + 1` must be readable.
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: the caller vouches for both bytes.
-    unsafe { half::f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32() }
-}
+use super::formats::{BlockFormat, Format, f16_at, span_scale};
 
 /// Two blocks' 16 bytes of packed nibbles (the second may be absent: zero) as 64 bytes in
 /// value order: first block's low nibbles (values 0..16), its high ones, then the second's.
@@ -135,36 +125,6 @@ unsafe fn unpack<B: BlockFormat, const WHOLE: bool>(
     }
 }
 
-/// The scale and (Q4_1, Q4_K) minimum of span `span` (of `4 * B::GROUPS` values) of row `w`.
-///
-/// # Safety
-/// The span must lie inside the row at `w`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn span_scale<B: BlockFormat>(w: *const u8, span: usize) -> (f32, f32) {
-    // SAFETY: every read stays inside the block or super-block holding the span.
-    unsafe {
-        match B::FORMAT {
-            Format::Q4_1 => {
-                let p = w.add(span * B::BYTES);
-                (f16_at(p), f16_at(p.add(2)))
-            }
-            Format::Q5_0 | Format::Q8_0 => (f16_at(w.add(span * B::BYTES)), 0.0),
-            Format::Q4K => {
-                let sb = w.add(span / 8 * B::BYTES);
-                let scales = std::slice::from_raw_parts(sb.add(4), 12);
-                let (s, m) = scale_min_k4(span % 8, scales);
-                (f16_at(sb) * s, -f16_at(sb.add(2)) * m)
-            }
-            Format::Q6K => {
-                let sb = w.add(span / 16 * B::BYTES);
-                let scale = *sb.add(192 + span % 16).cast::<i8>();
-                (f16_at(sb.add(208)) * scale as f32, 0.0)
-            }
-        }
-    }
-}
-
 /// The scales and minimums of chunk `c`'s first `spans` (9 to 16) spans in lane order
 /// ([`super::lane_span`]); zero past them. Gathered 16 at a time: one scalar extraction
 /// per span cost as much as the rest of unpacking when decoding.
@@ -237,20 +197,6 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
             }
         }
     }
-}
-
-/// Sub-block `j`'s 6-bit scale and minimum from a Q4_K super-block's 12 packed bytes.
-#[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
-    let (s, m) = if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    };
-    (s as f32, m as f32)
 }
 
 /// The permutation indices of transpose stage `bit`: the stage swaps register-index bit `bit`

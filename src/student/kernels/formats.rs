@@ -138,7 +138,7 @@ impl Format {
             GgmlDType::Q6K => Self::Q6K,
             _ => return None,
         };
-        super::avx512_in_use().then_some(format)
+        super::kernels_in_use().then_some(format)
     }
 
     /// Weights per stored block.
@@ -160,4 +160,57 @@ impl Format {
     pub fn offset(self) -> i32 {
         with_block!(self, B => B::OFFSET)
     }
+}
+
+/// Reads a little-endian f16 at `p`.
+///
+/// # Safety
+/// `p` and `p + 1` must be readable.
+#[inline(always)]
+pub unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller vouches for both bytes.
+    unsafe { half::f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32() }
+}
+
+/// The scale and (Q4_1, Q4_K) minimum of span `span` (of `4 * B::GROUPS` values) of row `w`.
+///
+/// # Safety
+/// The span must lie inside the row at `w`.
+#[inline(always)]
+pub unsafe fn span_scale<B: BlockFormat>(w: *const u8, span: usize) -> (f32, f32) {
+    // SAFETY: every read stays inside the block or super-block holding the span.
+    unsafe {
+        match B::FORMAT {
+            Format::Q4_1 => {
+                let p = w.add(span * B::BYTES);
+                (f16_at(p), f16_at(p.add(2)))
+            }
+            Format::Q5_0 | Format::Q8_0 => (f16_at(w.add(span * B::BYTES)), 0.0),
+            Format::Q4K => {
+                let sb = w.add(span / 8 * B::BYTES);
+                let scales = std::slice::from_raw_parts(sb.add(4), 12);
+                let (s, m) = scale_min_k4(span % 8, scales);
+                (f16_at(sb) * s, -f16_at(sb.add(2)) * m)
+            }
+            Format::Q6K => {
+                let sb = w.add(span / 16 * B::BYTES);
+                let scale = *sb.add(192 + span % 16).cast::<i8>();
+                (f16_at(sb.add(208)) * scale as f32, 0.0)
+            }
+        }
+    }
+}
+
+/// Sub-block `j`'s 6-bit scale and minimum from a Q4_K super-block's 12 packed bytes.
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    let (s, m) = if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    };
+    (s as f32, m as f32)
 }

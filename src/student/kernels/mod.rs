@@ -19,6 +19,8 @@
 
 pub mod activations;
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod formats;
 pub mod pool;
@@ -160,9 +162,26 @@ pub fn avx512_in_use() -> bool {
     tier() == Tier::Avx512
 }
 
+/// Whether duet's matrix kernels are in use (AVX-512 or AVX2), rather than candle's.
+pub fn kernels_in_use() -> bool {
+    tier() != Tier::Portable
+}
+
 /// `dst (m x n) = lhs (m x k) @ weights^T`, where `weights` holds `n` rows of `k` values in
 /// `format`'s GGUF blocks. Work is spread over the thread pool.
 pub fn matmul(
+    format: Format,
+    weights: &[u8],
+    mkn: (usize, usize, usize),
+    lhs: &[f32],
+    dst: &mut [f32],
+) {
+    matmul_on(tier(), format, weights, mkn, lhs, dst);
+}
+
+/// [`matmul`] on the kernels of `tier`, which the CPU must have (tests compare tiers).
+fn matmul_on(
+    tier: Tier,
     format: Format,
     weights: &[u8],
     (m, k, n): (usize, usize, usize),
@@ -174,7 +193,10 @@ pub fn matmul(
         "rows of {k} values are not whole blocks"
     );
     // A `Format` is public: make sure nobody built one on a CPU the kernels cannot run on.
-    assert!(avx512_in_use(), "duet's kernels need AVX-512 VNNI");
+    assert!(
+        tier != Tier::Portable && tier.available(),
+        "duet's kernels need AVX-512 VNNI or AVX2"
+    );
     let (block_values, block_bytes) = (format.block_values(), format.block_bytes());
     assert!(
         k.is_multiple_of(block_values),
@@ -188,7 +210,8 @@ pub fn matmul(
     assert_eq!(lhs.len(), m * k, "activations of {m}x{k}");
     assert!(dst.len() >= m * n, "output of {m}x{n}");
     #[cfg(target_arch = "x86_64")]
-    with_block!(format, B => product::<B, { B::GROUPS }>(weights, (m, k, n), lhs, dst));
+    let avx2 = tier == Tier::Avx2;
+    with_block!(format, B => product::<B, { B::GROUPS }>(avx2, weights, (m, k, n), lhs, dst));
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("no kernels on this architecture; Format::for_dtype returns None");
 }
@@ -196,6 +219,7 @@ pub fn matmul(
 /// [`matmul`] for block format `B`, whose spans have `G` groups.
 #[cfg(target_arch = "x86_64")]
 fn product<B: BlockFormat, const G: usize>(
+    avx2: bool,
     weights: &[u8],
     (m, k, n): (usize, usize, usize),
     lhs: &[f32],
@@ -208,8 +232,9 @@ fn product<B: BlockFormat, const G: usize>(
     let row_bytes = k / B::VALUES * B::BYTES;
     let chunks = chunks_per_row(k, G);
     // Decoding steps (a few rows) multiply each pair of blocks as it is unpacked; prompts
-    // unpack each column once for all their rows. Both give the same bits.
-    let decoding = m <= ROW_TILE;
+    // unpack each column once for all their rows. Both give the same bits. The AVX2 kernels
+    // take the prompts' path for both.
+    let decoding = m <= ROW_TILE && !avx2;
     with_quantized::<G, _>(lhs, (m, k), B::OFFSET, !decoding, |acts, _| {
         let dst_addr = dst.as_mut_ptr() as usize;
         let store = |row: usize, col: usize, value: f32| {
@@ -223,7 +248,7 @@ fn product<B: BlockFormat, const G: usize>(
             for_each_range(n.div_ceil(COLUMN_CHUNK), |groups| {
                 for col in groups.start * COLUMN_CHUNK..n.min(groups.end * COLUMN_CHUNK) {
                     let w = &weights[col * row_bytes..(col + 1) * row_bytes];
-                    // SAFETY: `avx512_in_use` was asserted; `w` is the whole row and every
+                    // SAFETY: the tier's CPU features were asserted; `w` is the whole row and every
                     // activation row holds `chunks` chunks.
                     let sums: [f32; ROW_TILE] = unsafe {
                         match m {
@@ -263,25 +288,28 @@ fn product<B: BlockFormat, const G: usize>(
                 let rows_left = m - first_row;
                 let rows: [&[ActChunk<G>]; ROW_TILE] =
                     std::array::from_fn(|r| row(first_row + r.min(rows_left - 1)));
-                // SAFETY: `avx512_in_use` was asserted; every column and row holds `chunks`.
+                // SAFETY: the tier's CPU features were asserted; every column and row holds `chunks`.
                 let sums: [[f32; COLUMN_TILE]; ROW_TILE] = unsafe {
                     match rows_left {
-                        1 => pad(avx512::tile::<B, G, 1, COLUMN_TILE>(
+                        1 => pad(tile_on::<B, G, 1, COLUMN_TILE>(
+                            avx2,
                             cols,
                             [rows[0]],
                             chunks,
                         )),
-                        2 => pad(avx512::tile::<B, G, 2, COLUMN_TILE>(
+                        2 => pad(tile_on::<B, G, 2, COLUMN_TILE>(
+                            avx2,
                             cols,
                             [rows[0], rows[1]],
                             chunks,
                         )),
-                        3 => pad(avx512::tile::<B, G, 3, COLUMN_TILE>(
+                        3 => pad(tile_on::<B, G, 3, COLUMN_TILE>(
+                            avx2,
                             cols,
                             [rows[0], rows[1], rows[2]],
                             chunks,
                         )),
-                        _ => avx512::tile::<B, G, ROW_TILE, COLUMN_TILE>(cols, rows, chunks),
+                        _ => tile_on::<B, G, ROW_TILE, COLUMN_TILE>(avx2, cols, rows, chunks),
                     }
                 };
                 for (r, sums) in sums.iter().enumerate().take(rows_left.min(ROW_TILE)) {
@@ -305,9 +333,9 @@ fn product<B: BlockFormat, const G: usize>(
                     for c in 0..columns {
                         let w = &weights[(first + c) * row_bytes..(first + c + 1) * row_bytes];
                         let out = &mut panel[c * chunks..(c + 1) * chunks];
-                        // SAFETY: `avx512_in_use` was asserted; `w` is the whole row and `out`
+                        // SAFETY: the tier's CPU features were asserted; `w` is the whole row and `out`
                         // holds its chunks.
-                        unsafe { avx512::pack_column::<B, G>(w, blocks, out) };
+                        unsafe { pack_column_on::<B, G>(avx2, w, blocks, out) };
                     }
                     // Rows outer: a tile of activation rows stays in the L1 cache while every
                     // column of the group passes it.
@@ -321,6 +349,48 @@ fn product<B: BlockFormat, const G: usize>(
             });
         });
     });
+}
+
+/// [`avx2::pack_column`] or [`avx512::pack_column`].
+///
+/// # Safety
+/// As theirs; the tier's CPU features must be there.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_column_on<B: BlockFormat, const G: usize>(
+    avx2: bool,
+    w: &[u8],
+    blocks: usize,
+    out: &mut [WeightChunk<G>],
+) {
+    // SAFETY: the caller vouches for the row, the output and the features.
+    unsafe {
+        if avx2 {
+            avx2::pack_column::<B, G>(w, blocks, out)
+        } else {
+            avx512::pack_column::<B, G>(w, blocks, out)
+        }
+    }
+}
+
+/// [`avx2::tile`] or [`avx512::tile`].
+///
+/// # Safety
+/// As theirs; the tier's CPU features must be there.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_on<B: BlockFormat, const G: usize, const R: usize, const C: usize>(
+    avx2: bool,
+    columns: [&[WeightChunk<G>]; C],
+    rows: [&[ActChunk<G>]; R],
+    chunks: usize,
+) -> [[f32; C]; R] {
+    // SAFETY: the caller vouches for the rows, columns and features.
+    unsafe {
+        if avx2 {
+            avx2::tile::<B, G, R, C>(columns, rows, chunks)
+        } else {
+            avx512::tile::<B, G, R, C>(columns, rows, chunks)
+        }
+    }
 }
 
 /// A column's sums for fewer rows than a tile's in a tile's array.
@@ -348,73 +418,85 @@ mod tests {
     /// product), for 1 to 17 activation
     /// rows (every tile size, whole and partial) and a partial column chunk. Activations have a
     /// non-zero mean so that each format's offset term matters.
+    /// The tiers of duet's kernels this CPU can run.
+    fn tiers() -> Vec<Tier> {
+        [Tier::Avx512, Tier::Avx2]
+            .into_iter()
+            .filter(|t| t.available())
+            .collect()
+    }
+
     #[test]
     fn kernels_match_candles_dequantized_reference() {
-        if !avx512_in_use() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        if tiers().is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512 VNNI nor AVX2");
             return;
         }
         let n = 37;
-        for dtype in FORMATS {
-            let format = Format::for_dtype(dtype).unwrap();
-            // 96 values = 3 blocks: a whole pair and a lone last block, in one partly filled
-            // chunk; 1,120 fill two chunks and part of a third. K-quants come in super-blocks
-            // of 256: two (one chunk of 32-value spans, two of Q6_K's 16-value ones) or three.
-            let lengths = if format.block_values() == 256 {
-                [512, 768]
-            } else {
-                [96, 1120]
-            };
-            for k in lengths {
-                // Magnitudes change every 16 values, so that every scale matters.
-                let values: Vec<f32> = (0..n * k)
-                    .map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * (1 + i / 16 % 5) as f32)
-                    .collect();
-                let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
-                let q = QTensor::quantize(&dense, dtype).unwrap();
-                let bytes = q.data().unwrap().to_vec();
-                let reference = q.dequantize(&Device::Cpu).unwrap();
-                for m in 1..=17 {
-                    let x: Vec<f32> = (0..m * k)
-                        .map(|i| ((i as f32) * 0.37).sin() + 0.3)
+        for tier in tiers() {
+            for dtype in FORMATS {
+                let format = Format::for_dtype(dtype).unwrap();
+                // 96 values = 3 blocks: a whole pair and a lone last block, in one partly filled
+                // chunk; 1,120 fill two chunks and part of a third. K-quants come in super-blocks
+                // of 256: two (one chunk of 32-value spans, two of Q6_K's 16-value ones) or three.
+                let lengths = if format.block_values() == 256 {
+                    [512, 768]
+                } else {
+                    [96, 1120]
+                };
+                for k in lengths {
+                    // Magnitudes change every 16 values, so that every scale matters.
+                    let values: Vec<f32> = (0..n * k)
+                        .map(|i| {
+                            ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * (1 + i / 16 % 5) as f32
+                        })
                         .collect();
-                    let mut ours = vec![0f32; m * n];
-                    matmul(format, &bytes, (m, k, n), &x, &mut ours);
-                    let mut candles = vec![0f32; m * n];
-                    let candle_product: Product = match dtype {
-                        GgmlDType::Q4_1 => candle_product::<k_quants::BlockQ4_1>,
-                        GgmlDType::Q5_0 => candle_product::<k_quants::BlockQ5_0>,
-                        GgmlDType::Q8_0 => candle_product::<k_quants::BlockQ8_0>,
-                        GgmlDType::Q4K => candle_product::<k_quants::BlockQ4K>,
-                        _ => candle_product::<k_quants::BlockQ6K>,
-                    };
-                    candle_product(&bytes, (m, k, n), &x, &mut candles);
-                    let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
-                    let expected = xt.matmul(&reference.t().unwrap()).unwrap();
-                    let mass = xt
-                        .abs()
-                        .unwrap()
-                        .matmul(&reference.abs().unwrap().t().unwrap())
-                        .unwrap();
-                    let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    let mass = mass.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    for (i, ((a, b), s)) in ours.iter().zip(&expected).zip(&mass).enumerate() {
-                        // 8-bit activations: each product may be off by ~0.4% of its mass.
-                        assert!(
-                            (a - b).abs() <= 0.01 * s,
-                            "{dtype:?} k={k} m={m} element {i}: {a} vs {b} (mass {s})"
-                        );
-                        // candle quantizes K-quant activations per 256 values, duet per 32.
-                        let close = if format.block_values() == 256 {
-                            1e-2
-                        } else {
-                            1e-3
+                    let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+                    let q = QTensor::quantize(&dense, dtype).unwrap();
+                    let bytes = q.data().unwrap().to_vec();
+                    let reference = q.dequantize(&Device::Cpu).unwrap();
+                    for m in 1..=17 {
+                        let x: Vec<f32> = (0..m * k)
+                            .map(|i| ((i as f32) * 0.37).sin() + 0.3)
+                            .collect();
+                        let mut ours = vec![0f32; m * n];
+                        matmul_on(tier, format, &bytes, (m, k, n), &x, &mut ours);
+                        let mut candles = vec![0f32; m * n];
+                        let candle_product: Product = match dtype {
+                            GgmlDType::Q4_1 => candle_product::<k_quants::BlockQ4_1>,
+                            GgmlDType::Q5_0 => candle_product::<k_quants::BlockQ5_0>,
+                            GgmlDType::Q8_0 => candle_product::<k_quants::BlockQ8_0>,
+                            GgmlDType::Q4K => candle_product::<k_quants::BlockQ4K>,
+                            _ => candle_product::<k_quants::BlockQ6K>,
                         };
-                        let c = candles[i];
-                        assert!(
-                            (a - c).abs() <= close * s,
-                            "{dtype:?} k={k} m={m} element {i}: {a} vs candle's {c} (mass {s})"
-                        );
+                        candle_product(&bytes, (m, k, n), &x, &mut candles);
+                        let xt = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+                        let expected = xt.matmul(&reference.t().unwrap()).unwrap();
+                        let mass = xt
+                            .abs()
+                            .unwrap()
+                            .matmul(&reference.abs().unwrap().t().unwrap())
+                            .unwrap();
+                        let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        let mass = mass.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        for (i, ((a, b), s)) in ours.iter().zip(&expected).zip(&mass).enumerate() {
+                            // 8-bit activations: each product may be off by ~0.4% of its mass.
+                            assert!(
+                                (a - b).abs() <= 0.01 * s,
+                                "{tier:?} {dtype:?} k={k} m={m} element {i}: {a} vs {b} (mass {s})"
+                            );
+                            // candle quantizes K-quant activations per 256 values, duet per 32.
+                            let close = if format.block_values() == 256 {
+                                1e-2
+                            } else {
+                                1e-3
+                            };
+                            let c = candles[i];
+                            assert!(
+                                (a - c).abs() <= close * s,
+                                "{tier:?} {dtype:?} k={k} m={m} element {i}: {a} vs candle's {c} (mass {s})"
+                            );
+                        }
                     }
                 }
             }
@@ -451,53 +533,60 @@ mod tests {
     }
 
     /// A row's products are the same bits alone or in a small batch (decoding) as beside
-    /// many rows (a prompt), whatever its place in a tile, for every format and chunk shape.
+    /// many rows (a prompt), whatever its place in a tile, for every format and chunk shape;
+    /// and the same bits on every tier.
     #[test]
     fn a_rows_products_do_not_depend_on_the_rows_beside_it() {
-        if !avx512_in_use() {
-            return;
-        }
         let n = 21;
         for dtype in FORMATS {
-            let format = Format::for_dtype(dtype).unwrap();
-            // Full chunks, a chunk of 12 spans, short last chunks of 2 and 8 spans.
-            let lengths: &[usize] = if format.block_values() == 256 {
-                &[512, 768, 1280]
-            } else {
-                &[896, 576, 768]
-            };
-            for &k in lengths {
-                let values: Vec<f32> = (0..n * k)
-                    .map(|i| ((i * 31 % 97) as f32 - 48.0) / 30.0)
-                    .collect();
-                let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
-                let bytes = QTensor::quantize(&dense, dtype)
-                    .unwrap()
-                    .data()
-                    .unwrap()
-                    .to_vec();
-                let m = 11;
-                let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.11).cos()).collect();
-                let mut together = vec![0f32; m * n];
-                matmul(format, &bytes, (m, k, n), &x, &mut together);
-                for i in 0..m {
-                    let mut alone = vec![0f32; n];
-                    matmul(
-                        format,
-                        &bytes,
-                        (1, k, n),
-                        &x[i * k..(i + 1) * k],
-                        &mut alone,
-                    );
-                    assert_eq!(
-                        alone,
-                        together[i * n..(i + 1) * n],
-                        "{dtype:?} k={k} row {i}"
-                    );
+            // Each length's products on the first tier, for the others to match.
+            let mut first_tier: Vec<Vec<f32>> = Vec::new();
+            for tier in tiers() {
+                let format = Format::for_dtype(dtype).unwrap();
+                // Full chunks, a chunk of 12 spans, short last chunks of 2 and 8 spans.
+                let lengths: &[usize] = if format.block_values() == 256 {
+                    &[512, 768, 1280]
+                } else {
+                    &[896, 576, 768]
+                };
+                for (l, &k) in lengths.iter().enumerate() {
+                    let values: Vec<f32> = (0..n * k)
+                        .map(|i| ((i * 31 % 97) as f32 - 48.0) / 30.0)
+                        .collect();
+                    let dense = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+                    let bytes = QTensor::quantize(&dense, dtype)
+                        .unwrap()
+                        .data()
+                        .unwrap()
+                        .to_vec();
+                    let m = 11;
+                    let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.11).cos()).collect();
+                    let mut together = vec![0f32; m * n];
+                    matmul_on(tier, format, &bytes, (m, k, n), &x, &mut together);
+                    for i in 0..m {
+                        let mut alone = vec![0f32; n];
+                        matmul_on(
+                            tier,
+                            format,
+                            &bytes,
+                            (1, k, n),
+                            &x[i * k..(i + 1) * k],
+                            &mut alone,
+                        );
+                        assert_eq!(
+                            alone,
+                            together[i * n..(i + 1) * n],
+                            "{dtype:?} k={k} row {i}"
+                        );
+                    }
+                    let mut pair = vec![0f32; 3 * n];
+                    matmul_on(tier, format, &bytes, (3, k, n), &x[4 * k..7 * k], &mut pair);
+                    assert_eq!(pair, together[4 * n..7 * n], "{dtype:?} k={k} rows 4..7");
+                    match first_tier.get(l) {
+                        Some(first) => assert_eq!(&together, first, "{tier:?} {dtype:?} k={k}"),
+                        None => first_tier.push(together),
+                    }
                 }
-                let mut pair = vec![0f32; 3 * n];
-                matmul(format, &bytes, (3, k, n), &x[4 * k..7 * k], &mut pair);
-                assert_eq!(pair, together[4 * n..7 * n], "{dtype:?} k={k} rows 4..7");
             }
         }
     }
