@@ -17,11 +17,16 @@ prompts of each length, one generated token, alternating servers; prefill tok/s 
 ratio, and each server's rate as a share of its own rate at the shortest length.
 --sweep-only skips everything before it; --duet names another duet binary.
 
+--llamacpp-avx2 runs llama.cpp built for AVX2 only (its own virtual environment, compiled with
+GGML_NATIVE=OFF, AVX2, FMA, F16C and no AVX-512); pair it with DUET_STUDENT_KERNELS=avx2 to
+compare the two servers' AVX2 kernels on any x86-64 machine that has AVX-512 too.
+
 --busy-core keeps one core busy with a Python loop (`while True: pass`) from the servers' start
 to their end, as an IDE, a browser or a compiler would beside a local server.
 
 usage: scripts/bench-vs-llamacpp.py [--rounds 5] [--threads 2] [--lengths 500,1500,3500]
-                                    [--sweep-only] [--busy-core] [--duet PATH] MODEL.gguf...
+                                    [--sweep-only] [--busy-core] [--llamacpp-avx2] [--duet PATH]
+                                    MODEL.gguf...
 """
 
 import argparse
@@ -38,6 +43,10 @@ from benchlib import free_port, proc_kib, stream_chat, wait_http
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUET = os.path.join(ROOT, "target", "release", "duet")
 VENV = os.path.expanduser("~/.cache/duet-bench/venv")
+VENV_AVX2 = os.path.expanduser("~/.cache/duet-bench/venv-avx2")
+# llama.cpp for CPUs with AVX2 and without AVX-512, whatever CPU builds it.
+AVX2_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                   "-DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF")
 PARAGRAPH = (
     "The lighthouse keeper climbed the spiral stairs each evening, counting the steps and "
     "listening to the sea. Ships passed far out on the horizon, their lights small and steady, "
@@ -45,15 +54,22 @@ PARAGRAPH = (
 )
 
 
-def ensure_llamacpp():
-    python = os.path.join(VENV, "bin", "python")
+def ensure_llamacpp(avx2=False):
+    venv = VENV_AVX2 if avx2 else VENV
+    python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
-        subprocess.check_call([sys.executable, "-m", "venv", VENV])
+        subprocess.check_call([sys.executable, "-m", "venv", venv])
     try:
         subprocess.check_call([python, "-c", "import llama_cpp.server"], stderr=subprocess.DEVNULL)
     except subprocess.CalledProcessError:
         print("installing llama-cpp-python[server] (compiles llama.cpp, ~5 min)...", file=sys.stderr)
-        subprocess.check_call([python, "-m", "pip", "install", "-q", "llama-cpp-python[server]==0.3.36"])
+        command = [python, "-m", "pip", "install", "-q", "llama-cpp-python[server]==0.3.36"]
+        env = dict(os.environ)
+        if avx2:
+            # From source, never a wheel built (or cached) for another CPU level.
+            command += ["--no-binary", "llama-cpp-python", "--no-cache-dir"]
+            env["CMAKE_ARGS"] = AVX2_CMAKE_ARGS
+        subprocess.check_call(command, env=env)
     return python
 
 
@@ -203,16 +219,19 @@ def main():
                     help="prompt lengths of the sweep, in tokens, comma-separated")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--busy-core", action="store_true", help="keep one core busy with a Python loop")
+    ap.add_argument("--llamacpp-avx2", action="store_true", help="llama.cpp built for AVX2 only")
     ap.add_argument("--duet", default=DUET, help="the duet binary")
     ap.add_argument("models", nargs="+")
     args = ap.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
-    llama_python = ensure_llamacpp()
+    llama_python = ensure_llamacpp(args.llamacpp_avx2)
     out = [bench(m, args.rounds, args.threads, llama_python, lengths, args.sweep_only, args.duet,
                  args.busy_core)
            for m in args.models]
     print(f"{args.threads} threads, {args.rounds} alternating rounds, medians; greedy, streamed over HTTP; "
           f"llama.cpp = llama-cpp-python 0.3.36 server"
+          + (" built for AVX2 only" if args.llamacpp_avx2 else "")
+          + (f"; duet kernels: {os.environ['DUET_STUDENT_KERNELS']}" if os.environ.get("DUET_STUDENT_KERNELS") else "")
           + ("; one core kept busy by `while True: pass`" if args.busy_core else ""))
     if args.sweep_only:
         print_sweep(out, lengths)

@@ -441,3 +441,121 @@ fn sum_lanes(lanes: &[f32; 16]) -> f32 {
     }
     v[0]
 }
+
+/// The 8 lanes of each of `v` added up: lane `i` is the sum of `v[i]`'s lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn sum_each(v: [__m256i; 8]) -> __m256i {
+    let t: [__m256i; 4] = std::array::from_fn(|i| _mm256_hadd_epi32(v[2 * i], v[2 * i + 1]));
+    let (u0, u1) = (_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(u0, u1),
+        _mm256_permute2x128_si256::<0x31>(u0, u1),
+    )
+}
+
+/// Decoding: one weight row (format `B`, `blocks` blocks) against `R` activation rows whose
+/// chunks hold their values in value order (`activations::quantize_row` with `interleaved`
+/// false). Each pair of blocks is multiplied as it is unpacked; the integer sums of every
+/// span (exact, in whatever order) are put in lane order and [`fold`]ed and added up as
+/// [`tile`] does: the same bits, without packing the row first.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `w` must hold the row and every row `chunks`
+/// chunks; `G` must be `B::GROUPS`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
+    w: &[u8],
+    blocks: usize,
+    rows: [&[ActChunk<G>]; R],
+    chunks: usize,
+) -> [f32; R] {
+    let spans = blocks * 32 / (4 * G);
+    let w = w.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut scales = WeightChunk::<G>::default();
+    for c in 0..chunks {
+        // SAFETY: every chunk index is below `chunks`, which each row holds.
+        let a: [&ActChunk<G>; R] = std::array::from_fn(|r| unsafe { rows[r].get_unchecked(c) });
+        // Each row's span sums in span order.
+        let mut by_span = [[0i32; 16]; R];
+        for half in 0..2 {
+            // Pairs `first..first + G / 2` of the chunk: 8 of its 16 spans.
+            let first = half * G / 2;
+            let mut dots = [[_mm256_setzero_si256(); 8]; R];
+            for p in 0..G / 2 {
+                let pair = c * G + first + p;
+                if 2 * pair >= blocks {
+                    break;
+                }
+                // Decoding waits on memory: ask for the bytes a few pairs ahead (as the
+                // AVX-512 kernel does; past the row's end a prefetch minds nothing).
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(pair * B::PAIR_BYTES + 1024).cast());
+                // SAFETY: the pair starts inside the row.
+                let u = unsafe { unpack::<B>(w, pair, blocks) };
+                for r in 0..R {
+                    for (k, u) in u.iter().enumerate() {
+                        // SAFETY: 32 bytes of the pair's 64-byte row.
+                        let q = unsafe {
+                            _mm256_load_si256(a[r].qs[first + p].as_ptr().add(32 * k).cast())
+                        };
+                        dots[r][2 * p + k] = dot4::<B>(*u, q);
+                    }
+                }
+            }
+            for r in 0..R {
+                let mut sums = [0i32; 8];
+                if G == 8 {
+                    // dots[2p + k]: span 2 * (first + p) + k, one per register.
+                    // SAFETY: 8 integers into an 8-integer array.
+                    unsafe { _mm256_storeu_si256(sums.as_mut_ptr().cast(), sum_each(dots[r])) };
+                    by_span[r][8 * half..8 * half + 8].copy_from_slice(&sums);
+                } else {
+                    // Q6_K: dots[2p + k] holds spans 4 * (first + p) + 2k (lanes 0..4) and
+                    // + 1 (lanes 4..8); adding lanes within each half-register gives them.
+                    let d = dots[r];
+                    for i in 0..G / 2 {
+                        let t = _mm256_hadd_epi32(d[2 * i], d[2 * i + 1]);
+                        let quad = _mm256_hadd_epi32(t, t);
+                        let mut lanes = [0i32; 8];
+                        // SAFETY: 8 integers into an 8-integer array.
+                        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), quad) };
+                        // Lane 0: register 2i's first 4, lane 1: register 2i + 1's; lanes
+                        // 4 and 5 the same for their last 4.
+                        let base = 4 * (first + i);
+                        by_span[r][base] = lanes[0];
+                        by_span[r][base + 2] = lanes[1];
+                        by_span[r][base + 1] = lanes[4];
+                        by_span[r][base + 3] = lanes[5];
+                    }
+                }
+            }
+        }
+        let chunk_spans = (spans - 16 * c).min(16);
+        // SAFETY: the chunk's spans lie inside the row.
+        unsafe { span_scales::<B, G>(w, c, chunk_spans, &mut scales) };
+        for r in 0..R {
+            let in_lanes: [i32; 16] = std::array::from_fn(|l| by_span[r][super::lane_span(l, G)]);
+            for (h, acc) in acc[r].iter_mut().enumerate() {
+                // SAFETY: 8 integers at `8 * h` of 16-integer arrays.
+                unsafe {
+                    let mut sums = _mm256_loadu_si256(in_lanes.as_ptr().add(8 * h).cast());
+                    if B::OFFSET != 0 && B::FORMAT != Format::Q8_0 {
+                        let offset = _mm256_loadu_si256(a[r].offset.as_ptr().add(8 * h).cast());
+                        sums = _mm256_add_epi32(sums, offset);
+                    }
+                    *acc = fold::<B, G>(sums, &scales, a[r], 8 * h, *acc);
+                }
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; 16];
+        // SAFETY: 8 floats each into a 16-float array.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[r][1]);
+        }
+        sum_lanes(&lanes)
+    })
+}

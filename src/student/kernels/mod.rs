@@ -5,17 +5,19 @@
 //! 60-70% of generation time inside them. Here the activations are quantized to 8 bits once
 //! per product ([`activations`]) and each group of weight rows is unpacked once per product
 //! into a buffer ([`WeightChunk`]) that a tile of up to [`ROW_TILE`] activation rows by
-//! [`COLUMN_TILE`] columns is multiplied against ([`avx512`]), on all threads ([`pool`]).
+//! [`COLUMN_TILE`] columns is multiplied against ([`avx512`], or [`avx2`] on CPUs without
+//! AVX-512 VNNI), on all threads ([`pool`]). The [`Tier`] is picked when the process starts.
 //!
 //! Both sides share one layout: 16 spans of values per chunk, one per 32-bit lane, a span
 //! being what one weight scale covers (32 values, or 16 for Q6_K); lane `l` holds span
 //! [`lane_span`]`(l, G)`, and register `j` of a chunk holds values `4j..4j + 4` of every
-//! lane's span (a row's last chunk is padded with zeros). Integer sums then cover a whole span before they are scaled, so prompts
+//! lane's span (a row's last chunk is padded with zeros). Integer sums then cover a whole
+//! span before they are scaled, so prompts
 //! (many rows against each unpacked column) cost little more than the multiply-adds; a row
 //! takes the same instructions in the same order whatever rows it is multiplied with, so
 //! answers are the same alone, batched and from the prompt cache. The block formats and
-//! their sizes are types in [`formats`]. Other formats, and CPUs without AVX-512 VNNI, go
-//! through candle's kernels (`model/weights.rs` decides).
+//! their sizes are types in [`formats`]. Both tiers give the same bits. Other formats, and
+//! the portable tier, go through candle's kernels (`model/weights.rs` decides).
 
 pub mod activations;
 #[cfg(target_arch = "x86_64")]
@@ -232,9 +234,8 @@ fn product<B: BlockFormat, const G: usize>(
     let row_bytes = k / B::VALUES * B::BYTES;
     let chunks = chunks_per_row(k, G);
     // Decoding steps (a few rows) multiply each pair of blocks as it is unpacked; prompts
-    // unpack each column once for all their rows. Both give the same bits. The AVX2 kernels
-    // take the prompts' path for both.
-    let decoding = m <= ROW_TILE && !avx2;
+    // unpack each column once for all their rows. Both give the same bits.
+    let decoding = m <= ROW_TILE;
     with_quantized::<G, _>(lhs, (m, k), B::OFFSET, !decoding, |acts, _| {
         let dst_addr = dst.as_mut_ptr() as usize;
         let store = |row: usize, col: usize, value: f32| {
@@ -252,20 +253,23 @@ fn product<B: BlockFormat, const G: usize>(
                     // activation row holds `chunks` chunks.
                     let sums: [f32; ROW_TILE] = unsafe {
                         match m {
-                            1 => pad_row(avx512::dot_row::<B, G, 1>(w, blocks, [row(0)], chunks)),
-                            2 => pad_row(avx512::dot_row::<B, G, 2>(
+                            1 => pad_row(dot_row_on::<B, G, 1>(avx2, w, blocks, [row(0)], chunks)),
+                            2 => pad_row(dot_row_on::<B, G, 2>(
+                                avx2,
                                 w,
                                 blocks,
                                 [row(0), row(1)],
                                 chunks,
                             )),
-                            3 => pad_row(avx512::dot_row::<B, G, 3>(
+                            3 => pad_row(dot_row_on::<B, G, 3>(
+                                avx2,
                                 w,
                                 blocks,
                                 [row(0), row(1), row(2)],
                                 chunks,
                             )),
-                            _ => avx512::dot_row::<B, G, 4>(
+                            _ => dot_row_on::<B, G, 4>(
+                                avx2,
                                 w,
                                 blocks,
                                 std::array::from_fn(row),
@@ -368,6 +372,28 @@ unsafe fn pack_column_on<B: BlockFormat, const G: usize>(
             avx2::pack_column::<B, G>(w, blocks, out)
         } else {
             avx512::pack_column::<B, G>(w, blocks, out)
+        }
+    }
+}
+
+/// [`avx2::dot_row`] or [`avx512::dot_row`].
+///
+/// # Safety
+/// As theirs; the tier's CPU features must be there.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_row_on<B: BlockFormat, const G: usize, const R: usize>(
+    avx2: bool,
+    w: &[u8],
+    blocks: usize,
+    rows: [&[ActChunk<G>]; R],
+    chunks: usize,
+) -> [f32; R] {
+    // SAFETY: the caller vouches for the row, the activations and the features.
+    unsafe {
+        if avx2 {
+            avx2::dot_row::<B, G, R>(w, blocks, rows, chunks)
+        } else {
+            avx512::dot_row::<B, G, R>(w, blocks, rows, chunks)
         }
     }
 }
