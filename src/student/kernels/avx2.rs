@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use super::WeightChunk;
 use super::activations::ActChunk;
-use super::formats::{BlockFormat, Format, span_scale};
+use super::formats::{BlockFormat, Format, q4k_chunk_scales, span_scale};
 
 /// One block's 16 bytes of packed nibbles as its 32 values in order: low nibbles, then high.
 ///
@@ -253,6 +253,11 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
                 _mm256_storeu_ps(chunk.minimum.as_mut_ptr().add(8 * h), minimum);
             }
         }
+        return;
+    }
+    if B::FORMAT == Format::Q4K {
+        // SAFETY: the chunk's spans lie inside the row.
+        (chunk.scale, chunk.minimum) = unsafe { q4k_chunk_scales(w, c, 16 * c + spans) };
         return;
     }
     for lane in 0..16 {

@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use super::WeightChunk;
 use super::activations::{ActChunk, BLOCK};
-use super::formats::{BlockFormat, Format, f16_at, span_scale};
+use super::formats::{BlockFormat, Format, f16_at, q4k_chunk_scales};
 
 /// Two blocks' 16 bytes of packed nibbles (the second may be absent: zero) as 64 bytes in
 /// value order: first block's low nibbles (values 0..16), its high ones, then the second's.
@@ -171,14 +171,7 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
                 (scale, minimum)
             }
             Format::Q4K => {
-                let mut scale = [0f32; 16];
-                let mut minimum = [0f32; 16];
-                for lane in 0..16 {
-                    if mask & (1 << lane) != 0 {
-                        (scale[lane], minimum[lane]) =
-                            span_scale::<B>(w, c * 16 + super::lane_span(lane, G));
-                    }
-                }
+                let (scale, minimum) = q4k_chunk_scales(w, c, 16 * c + spans);
                 (
                     _mm512_loadu_ps(scale.as_ptr()),
                     _mm512_loadu_ps(minimum.as_ptr()),
