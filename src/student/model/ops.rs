@@ -109,6 +109,7 @@ impl Rope {
 const LANES: usize = 16;
 
 /// `sum(a * b)`, in `LANES` running sums.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));

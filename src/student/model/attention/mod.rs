@@ -147,7 +147,24 @@ fn attend_item(fast: bool, src: &Source, item: &Item, s: &mut Scratch) {
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::student::kernels::tier() == crate::student::kernels::Tier::Avx2 {
+        // SAFETY: the AVX2 tier is only chosen on CPUs that have AVX2, FMA and F16C.
+        unsafe { portable_item_avx2(src, item, s) };
+        return;
+    }
     let _ = fast;
+    portable_item(src, item, s);
+}
+
+/// [`portable_item`] compiled for AVX2, which vectorizes its loops twice as wide as a plain
+/// x86-64 build can; the same operations in the same order, so the same bits.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn portable_item_avx2(src: &Source, item: &Item, s: &mut Scratch) {
     portable_item(src, item, s);
 }
 
@@ -270,6 +287,7 @@ impl Scratch {
 
 /// Any CPU and head size: the same blocks as the AVX-512 kernel, each vector's scores over
 /// only the positions it sees, in scalar arithmetic.
+#[inline(always)]
 fn portable_item(src: &Source, item: &Item, s: &mut Scratch) {
     let hd = src.head_dim;
     s.start(item.vectors(), hd);
@@ -309,6 +327,7 @@ fn portable_item(src: &Source, item: &Item, s: &mut Scratch) {
 }
 
 /// `out += w * v`.
+#[inline(always)]
 fn add_scaled(out: &mut [f32], w: f32, v: &[f32]) {
     for (o, &x) in out.iter_mut().zip(v) {
         *o += w * x;
