@@ -62,13 +62,17 @@ unsafe fn unpack<B: BlockFormat>(w: *const u8, pair: usize, blocks: usize) -> [_
     // when `2 * pair + 1 < blocks`), which the caller vouches are in `w`.
     unsafe {
         match B::FORMAT {
-            Format::Q4_1 | Format::Q5_0 | Format::Q8_0 => {
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => {
                 let first = w.add(2 * pair * B::BYTES);
                 let block = |p: *const u8| match B::FORMAT {
+                    Format::Q4_0 => nibbles(p.add(2)),
                     Format::Q4_1 => nibbles(p.add(4)),
-                    Format::Q5_0 => {
-                        let bits = u32::from_le_bytes([*p.add(2), *p.add(3), *p.add(4), *p.add(5)]);
-                        _mm256_or_si256(nibbles(p.add(6)), fifth_bits(bits))
+                    Format::Q5_0 | Format::Q5_1 => {
+                        // The fifth bits, then the nibbles, after the f16 scale (Q5_1: and
+                        // minimum).
+                        let h = p.add(if B::FORMAT == Format::Q5_0 { 2 } else { 4 });
+                        let bits = u32::from_le_bytes([*h, *h.add(1), *h.add(2), *h.add(3)]);
+                        _mm256_or_si256(nibbles(h.add(4)), fifth_bits(bits))
                     }
                     // Signed bytes moved to 0..=255 by flipping the sign bit (q + 128).
                     _ => _mm256_xor_si256(
@@ -91,6 +95,26 @@ unsafe fn unpack<B: BlockFormat>(w: *const u8, pair: usize, blocks: usize) -> [_
                 [
                     _mm256_and_si256(q, mask),
                     _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
+                ]
+            }
+            // Q5_K: as in the AVX-512 kernels' `unpack`.
+            Format::Q5K => {
+                let sb = w.add(pair / 4 * B::BYTES);
+                let j = pair % 4;
+                let q = _mm256_loadu_si256(sb.add(48 + 32 * j).cast());
+                let qh = _mm256_loadu_si256(sb.add(16).cast());
+                let mask = _mm256_set1_epi8(0x0f);
+                let fifth = |bit: usize| {
+                    let bit = _mm256_set1_epi8(1 << bit);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+                };
+                [
+                    _mm256_or_si256(_mm256_and_si256(q, mask), fifth(2 * j)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
+                        fifth(2 * j + 1),
+                    ),
                 ]
             }
             // Q6_K: as in the AVX-512 kernels' `unpack`.
@@ -218,8 +242,8 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
     spans: usize,
     chunk: &mut WeightChunk<G>,
 ) {
-    if matches!(B::FORMAT, Format::Q4_1 | Format::Q5_0 | Format::Q8_0) {
-        // Each block starts with its f16 scale (Q4_1: then its f16 minimum).
+    if B::VALUES == 32 {
+        // Each block starts with its f16 scale (Q4_1, Q5_1: then its f16 minimum).
         let base = w.wrapping_add(c * 16 * B::BYTES);
         for h in 0..2 {
             let lanes: [usize; 8] = std::array::from_fn(|i| super::lane_span(8 * h + i, G));
@@ -255,9 +279,9 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
         }
         return;
     }
-    if B::FORMAT == Format::Q4K {
+    if matches!(B::FORMAT, Format::Q4K | Format::Q5K) {
         // SAFETY: the chunk's spans lie inside the row.
-        (chunk.scale, chunk.minimum) = unsafe { q4k_chunk_scales(w, c, 16 * c + spans) };
+        (chunk.scale, chunk.minimum) = unsafe { q4k_chunk_scales::<B>(w, c, 16 * c + spans) };
         return;
     }
     for lane in 0..16 {

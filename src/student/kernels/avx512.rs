@@ -59,20 +59,26 @@ unsafe fn unpack<B: BlockFormat, const WHOLE: bool>(
     // when `2 * pair + 1 < blocks`), which the caller vouches are in `w`.
     unsafe {
         match B::FORMAT {
-            // Q4_1, Q5_0, Q8_0: two consecutive blocks of 32.
-            Format::Q4_1 | Format::Q5_0 | Format::Q8_0 => {
+            // The 32-value formats: two consecutive blocks.
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => {
                 let p = w.add(2 * pair * B::BYTES);
                 // `WHOLE`: the caller knows the second block is there (no branch for it).
                 let second = (WHOLE || 2 * pair + 1 < blocks).then(|| p.add(B::BYTES));
                 match B::FORMAT {
+                    Format::Q4_0 => nibbles(p.add(2), second.map(|q| q.add(2))),
                     Format::Q4_1 => nibbles(p.add(4), second.map(|q| q.add(4))),
-                    Format::Q5_0 => {
+                    Format::Q5_0 | Format::Q5_1 => {
+                        // The fifth bits, then the nibbles, after the f16 scale (Q5_1: and
+                        // minimum).
+                        let at = if B::FORMAT == Format::Q5_0 { 2 } else { 4 };
                         let bits = |q: *const u8| {
-                            u32::from_le_bytes([*q.add(2), *q.add(3), *q.add(4), *q.add(5)]) as u64
+                            let h = q.add(at);
+                            u32::from_le_bytes([*h, *h.add(1), *h.add(2), *h.add(3)]) as u64
                         };
                         let high_bits = bits(p) | second.map_or(0, |q| bits(q) << 32);
                         let fifth = _mm512_maskz_mov_epi8(high_bits, _mm512_set1_epi8(0x10));
-                        _mm512_or_si512(nibbles(p.add(6), second.map(|q| q.add(6))), fifth)
+                        let low = nibbles(p.add(at + 4), second.map(|q| q.add(at + 4)));
+                        _mm512_or_si512(low, fifth)
                     }
                     _ => {
                         // Signed bytes moved to 0..=255 by flipping the sign bit (q + 128).
@@ -92,6 +98,27 @@ unsafe fn unpack<B: BlockFormat, const WHOLE: bool>(
                 join(
                     _mm256_and_si256(q, mask),
                     _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
+                )
+            }
+            // Q5_K: Q4_K's nibbles (after 32 bytes of fifth bits), and bits 2j, 2j + 1 of
+            // those 32 bytes for pair j of the super-block.
+            Format::Q5K => {
+                let sb = w.add(pair / 4 * B::BYTES);
+                let j = pair % 4;
+                let q = _mm256_loadu_si256(sb.add(48 + 32 * j).cast());
+                let qh = _mm256_loadu_si256(sb.add(16).cast());
+                let mask = _mm256_set1_epi8(0x0f);
+                let fifth = |bit: usize| {
+                    let bit = _mm256_set1_epi8(1 << bit);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+                };
+                join(
+                    _mm256_or_si256(_mm256_and_si256(q, mask), fifth(2 * j)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
+                        fifth(2 * j + 1),
+                    ),
                 )
             }
             // Q6_K: in each half of 128, blocks (A, B) use the low nibbles of ql[0..32] and
@@ -151,8 +178,8 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
     // which the caller vouches lie in the row.
     unsafe {
         match B::FORMAT {
-            Format::Q4_1 | Format::Q5_0 | Format::Q8_0 => {
-                // Each block starts with its f16 scale (Q4_1: then its f16 minimum).
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => {
+                // Each block starts with its f16 scale (Q4_1, Q5_1: then its f16 minimum).
                 let offsets: [i32; 16] =
                     std::array::from_fn(|l| (super::lane_span(l, G) * B::BYTES) as i32);
                 let base = w.add(c * 16 * B::BYTES);
@@ -170,8 +197,8 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
                 };
                 (scale, minimum)
             }
-            Format::Q4K => {
-                let (scale, minimum) = q4k_chunk_scales(w, c, 16 * c + spans);
+            Format::Q4K | Format::Q5K => {
+                let (scale, minimum) = q4k_chunk_scales::<B>(w, c, 16 * c + spans);
                 (
                     _mm512_loadu_ps(scale.as_ptr()),
                     _mm512_loadu_ps(minimum.as_ptr()),

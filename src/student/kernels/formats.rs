@@ -9,10 +9,13 @@ use half::f16;
 /// A block format with a kernel, chosen at run time from a tensor's dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    Q4_0,
     Q4_1,
     Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -34,6 +37,13 @@ pub trait BlockFormat {
     const GROUPS: usize;
 }
 
+/// 32 weights: 4-bit values and one f16 scale: `w = d * (q - 8)`.
+#[repr(C)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; 16],
+}
+
 /// 32 weights: 4-bit values, an f16 scale and an f16 minimum: `w = d * q + m`.
 #[repr(C)]
 pub struct BlockQ4_1 {
@@ -46,6 +56,16 @@ pub struct BlockQ4_1 {
 #[repr(C)]
 pub struct BlockQ5_0 {
     pub d: f16,
+    pub qh: [u8; 4],
+    pub qs: [u8; 16],
+}
+
+/// 32 weights: 4-bit values with a fifth bit packed apart, an f16 scale and minimum:
+/// `w = d * q + m`.
+#[repr(C)]
+pub struct BlockQ5_1 {
+    pub d: f16,
+    pub m: f16,
     pub qh: [u8; 4],
     pub qs: [u8; 16],
 }
@@ -64,6 +84,17 @@ pub struct BlockQ4K {
     pub d: f16,
     pub dmin: f16,
     pub scales: [u8; 12],
+    pub qs: [u8; 128],
+}
+
+/// A super-block of 256: Q4_K's scales and 4-bit values, and a fifth bit per value packed
+/// apart (bit `2j` / `2j + 1` of byte `l` for value `l` of sub-blocks `2j` / `2j + 1`).
+#[repr(C)]
+pub struct BlockQ5K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    pub qh: [u8; 32],
     pub qs: [u8; 128],
 }
 
@@ -92,16 +123,31 @@ macro_rules! block_format {
     };
 }
 
+block_format!(BlockQ4_0, Q4_0, values: 32, bytes: 18, offset: 8, minimum: false, groups: 8);
 block_format!(BlockQ4_1, Q4_1, values: 32, bytes: 20, offset: 0, minimum: true, groups: 8);
 block_format!(BlockQ5_0, Q5_0, values: 32, bytes: 22, offset: 16, minimum: false, groups: 8);
+block_format!(BlockQ5_1, Q5_1, values: 32, bytes: 24, offset: 0, minimum: true, groups: 8);
 block_format!(BlockQ8_0, Q8_0, values: 32, bytes: 34, offset: 128, minimum: false, groups: 8);
 block_format!(BlockQ4K, Q4K, values: 256, bytes: 144, offset: 0, minimum: true, groups: 8);
+block_format!(BlockQ5K, Q5K, values: 256, bytes: 176, offset: 0, minimum: true, groups: 8);
 block_format!(BlockQ6K, Q6K, values: 256, bytes: 210, offset: 32, minimum: false, groups: 4);
 
 /// Runs `$body` with `$B` bound to the block type of the [`Format`] `$format`.
 macro_rules! with_block {
     ($format:expr, $B:ident => $body:expr) => {
         match $format {
+            $crate::student::kernels::formats::Format::Q4_0 => {
+                type $B = $crate::student::kernels::formats::BlockQ4_0;
+                $body
+            }
+            $crate::student::kernels::formats::Format::Q5_1 => {
+                type $B = $crate::student::kernels::formats::BlockQ5_1;
+                $body
+            }
+            $crate::student::kernels::formats::Format::Q5K => {
+                type $B = $crate::student::kernels::formats::BlockQ5K;
+                $body
+            }
             $crate::student::kernels::formats::Format::Q4_1 => {
                 type $B = $crate::student::kernels::formats::BlockQ4_1;
                 $body
@@ -131,7 +177,10 @@ impl Format {
     /// The format of a GGUF dtype, when duet has a kernel for it and this CPU can run it.
     pub fn for_dtype(dtype: GgmlDType) -> Option<Self> {
         let format = match dtype {
+            GgmlDType::Q4_0 => Self::Q4_0,
             GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_1 => Self::Q5_1,
+            GgmlDType::Q5K => Self::Q5K,
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q8_0 => Self::Q8_0,
             GgmlDType::Q4K => Self::Q4K,
@@ -181,12 +230,12 @@ pub unsafe fn span_scale<B: BlockFormat>(w: *const u8, span: usize) -> (f32, f32
     // SAFETY: every read stays inside the block or super-block holding the span.
     unsafe {
         match B::FORMAT {
-            Format::Q4_1 => {
+            Format::Q4_1 | Format::Q5_1 => {
                 let p = w.add(span * B::BYTES);
                 (f16_at(p), f16_at(p.add(2)))
             }
-            Format::Q5_0 | Format::Q8_0 => (f16_at(w.add(span * B::BYTES)), 0.0),
-            Format::Q4K => {
+            Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => (f16_at(w.add(span * B::BYTES)), 0.0),
+            Format::Q4K | Format::Q5K => {
                 let sb = w.add(span / 8 * B::BYTES);
                 let scales = std::slice::from_raw_parts(sb.add(4), 12);
                 let (s, m) = scale_min_k4(span % 8, scales);
@@ -252,19 +301,23 @@ pub unsafe fn q4k_scales(sb: *const u8) -> ([f32; 8], [f32; 8]) {
     )
 }
 
-/// The scales and minimums of a Q4_K row's chunk `c` (two super-blocks, 16 spans of 32) in
-/// lane order (`kernels::lane_span` with 8 groups), zero past the row's `spans`.
+/// The scales and minimums of a Q4_K or Q5_K (`B`) row's chunk `c` (two super-blocks, 16
+/// spans of 32) in lane order (`kernels::lane_span` with 8 groups), zero past the row's `spans`.
 ///
 /// # Safety
 /// The row's `spans` spans must be readable at `w`.
 #[inline(always)]
-pub unsafe fn q4k_chunk_scales(w: *const u8, c: usize, spans: usize) -> ([f32; 16], [f32; 16]) {
+pub unsafe fn q4k_chunk_scales<B: BlockFormat>(
+    w: *const u8,
+    c: usize,
+    spans: usize,
+) -> ([f32; 16], [f32; 16]) {
     let (mut by_span, mut scale, mut minimum) = ([(0f32, 0f32); 16], [0f32; 16], [0f32; 16]);
     for half in 0..2 {
         let first = 16 * c + 8 * half;
         if first < spans {
             // SAFETY: the super-block holding spans `first..first + 8` is in the row.
-            let (s, m) = unsafe { q4k_scales(w.add(first / 8 * BlockQ4K::BYTES)) };
+            let (s, m) = unsafe { q4k_scales(w.add(first / 8 * B::BYTES)) };
             for j in 0..8 {
                 by_span[8 * half + j] = (s[j], m[j]);
             }
