@@ -307,10 +307,13 @@ fn portable_item(src: &Source, item: &Item, s: &mut Scratch) {
             let block_max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let max = s.max[v].max(block_max);
             let rescale = (s.max[v] - max).exp();
-            let mut total = 0f32;
             for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                total += *score;
+                *score -= max;
+            }
+            exp_in_place(scores);
+            let mut total = 0f32;
+            for &weight in scores.iter() {
+                total += weight;
             }
             s.max[v] = max;
             s.sum[v] = s.sum[v] * rescale + total;
@@ -324,6 +327,39 @@ fn portable_item(src: &Source, item: &Item, s: &mut Scratch) {
         }
     }
     s.finish(hd);
+}
+
+/// `e^x` for every value, within a few ulps of `f32::exp` (Cephes' `expf`, as the AVX-512
+/// kernel's `exp`), in plain arithmetic that compiles to vector instructions where the
+/// library's scalar `exp` cannot: `x = n ln 2 + r`, a polynomial for `e^r`, times `2^n` built
+/// from its bits. `exp(0)` is exactly 1 and `exp(-inf)` exactly 0, which masking relies on.
+#[inline(always)]
+fn exp_in_place(values: &mut [f32]) {
+    for v in values.iter_mut() {
+        // Below -104 every result rounds to zero, above 88 it is out of range anyway.
+        let x = v.clamp(-104.0, 88.0);
+        // Round to nearest, ties to even, by adding and taking away 1.5 * 2^23.
+        let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+        // ln 2 in two parts: n * 0.693359375 is exact, so r keeps its low bits.
+        let r = x - n * (355.0 / 512.0);
+        let r = r - n * -2.121_944_4e-4;
+        let mut y = 1.987_569_1e-4;
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            y = y * r + c;
+        }
+        let y = y * (r * r) + r + 1.0;
+        // 2^n in two normal halves (n reaches -150, below the smallest normal exponent).
+        let n = n as i32;
+        let half = n / 2;
+        let power = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+        *v = y * power(half) * power(n - half);
+    }
 }
 
 /// `out += w * v`.

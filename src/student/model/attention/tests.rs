@@ -244,3 +244,22 @@ fn timing() {
         );
     }
 }
+
+/// The portable path's `exp` against the library's, and exactly 1 and 0 where masking needs.
+#[test]
+fn portable_exp_is_close_to_the_librarys() {
+    let mut xs: Vec<f32> = (0..20_000).map(|i| -104.0 + i as f32 * 0.0096).collect();
+    xs.extend([0.0, f32::NEG_INFINITY, -200.0, -87.5, -0.5, 1e-7]);
+    let mut ours = xs.clone();
+    super::exp_in_place(&mut ours);
+    for (&x, &e) in xs.iter().zip(&ours) {
+        let want = x.exp();
+        assert!(
+            (e - want).abs() <= want * 2e-7 || (e - want).abs() < 1e-44,
+            "exp({x}) = {e}, not {want}"
+        );
+    }
+    assert_eq!(ours[20_000], 1.0);
+    assert_eq!(ours[20_001], 0.0);
+    assert_eq!(ours[20_002], 0.0);
+}
