@@ -78,6 +78,21 @@ fn starts_lazily_and_small() {
     );
 }
 
+/// The model answers a short chat request on the server at `base`.
+fn assert_answers(base: &str) {
+    let answer = post_json(
+        &format!("{base}/v1/chat/completions"),
+        &serde_json::json!({
+            "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Hi"}]
+        }),
+    );
+    assert!(
+        answer["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
+        "{answer}"
+    );
+}
+
 /// `student.threads` sizes the pool the model's arithmetic runs on: the calling thread plus
 /// `threads - 1` workers, whatever the machine has.
 #[test]
@@ -85,17 +100,7 @@ fn the_thread_setting_sizes_the_models_pool() {
     for threads in [1, 3] {
         let value = threads.to_string();
         let (_guard, pid, base) = start_with(&[], &[("DUET_STUDENT_THREADS", &value)]);
-        let answer = post_json(
-            &format!("{base}/v1/chat/completions"),
-            &serde_json::json!({
-                "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 2,
-                "messages": [{"role": "user", "content": "Hi"}]
-            }),
-        );
-        assert!(
-            answer["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
-            "{answer}"
-        );
+        assert_answers(&base);
         let workers = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
@@ -183,17 +188,7 @@ fn get_json(url: &str) -> serde_json::Value {
 #[test]
 fn the_kernels_setting_picks_the_tier_health_reports() {
     let (_guard, _pid, base) = start_with(&[], &[("DUET_STUDENT_KERNELS", "portable")]);
-    let answer = post_json(
-        &format!("{base}/v1/chat/completions"),
-        &serde_json::json!({
-            "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 2,
-            "messages": [{"role": "user", "content": "Hi"}]
-        }),
-    );
-    assert!(
-        answer["usage"]["completion_tokens"].as_u64().unwrap() >= 1,
-        "{answer}"
-    );
+    assert_answers(&base);
     let health = get_json(&format!("{base}/health"));
     assert_eq!(health["student"]["kernels"], "portable", "{health}");
 

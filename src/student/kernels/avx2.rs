@@ -57,7 +57,11 @@ fn fifth_bits(bits: u32) -> __m256i {
 /// `w` must hold the whole row (`blocks` 32-value blocks of `B`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack<B: BlockFormat>(w: *const u8, pair: usize, blocks: usize) -> [__m256i; 2] {
+pub(super) unsafe fn unpack<B: BlockFormat>(
+    w: *const u8,
+    pair: usize,
+    blocks: usize,
+) -> [__m256i; 2] {
     // SAFETY: every read stays inside the pair's blocks (the second block of a pair only
     // when `2 * pair + 1 < blocks`), which the caller vouches are in `w`.
     unsafe {
@@ -97,7 +101,8 @@ unsafe fn unpack<B: BlockFormat>(w: *const u8, pair: usize, blocks: usize) -> [_
                     _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
                 ]
             }
-            // Q5_K: as in the AVX-512 kernels' `unpack`.
+            // Q5_K: Q4_K's nibbles (after 32 bytes of fifth bits), and bits 2j, 2j + 1 of
+            // those 32 bytes for pair j of the super-block.
             Format::Q5K => {
                 let sb = w.add(pair / 4 * B::BYTES);
                 let j = pair % 4;
@@ -117,7 +122,8 @@ unsafe fn unpack<B: BlockFormat>(w: *const u8, pair: usize, blocks: usize) -> [_
                     ),
                 ]
             }
-            // Q6_K: as in the AVX-512 kernels' `unpack`.
+            // Q6_K: in each half of 128, blocks (A, B) use the low nibbles of ql[0..32] and
+            // ql[32..64] with qh bits 0-1 and 2-3; (C, D) the high nibbles with bits 4-7.
             Format::Q6K => {
                 let sb = w.add(pair / 4 * B::BYTES);
                 let (half, upper) = ((pair % 4) / 2, pair % 2 == 1);

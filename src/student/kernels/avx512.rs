@@ -90,63 +90,11 @@ unsafe fn unpack<B: BlockFormat, const WHOLE: bool>(
                     }
                 }
             }
-            // Q4_K: 32 bytes of nibbles per pair, low nibbles first.
-            Format::Q4K => {
-                let sb = w.add(pair / 4 * B::BYTES);
-                let q = _mm256_loadu_si256(sb.add(16 + 32 * (pair % 4)).cast());
-                let mask = _mm256_set1_epi8(0x0f);
-                join(
-                    _mm256_and_si256(q, mask),
-                    _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
-                )
-            }
-            // Q5_K: Q4_K's nibbles (after 32 bytes of fifth bits), and bits 2j, 2j + 1 of
-            // those 32 bytes for pair j of the super-block.
-            Format::Q5K => {
-                let sb = w.add(pair / 4 * B::BYTES);
-                let j = pair % 4;
-                let q = _mm256_loadu_si256(sb.add(48 + 32 * j).cast());
-                let qh = _mm256_loadu_si256(sb.add(16).cast());
-                let mask = _mm256_set1_epi8(0x0f);
-                let fifth = |bit: usize| {
-                    let bit = _mm256_set1_epi8(1 << bit);
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-                };
-                join(
-                    _mm256_or_si256(_mm256_and_si256(q, mask), fifth(2 * j)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
-                        fifth(2 * j + 1),
-                    ),
-                )
-            }
-            // Q6_K: in each half of 128, blocks (A, B) use the low nibbles of ql[0..32] and
-            // ql[32..64] with qh bits 0-1 and 2-3; (C, D) the high nibbles with bits 4-7.
-            Format::Q6K => {
-                let sb = w.add(pair / 4 * B::BYTES);
-                let (half, upper) = ((pair % 4) / 2, pair % 2 == 1);
-                let ql = sb.add(64 * half);
-                let qh = _mm256_loadu_si256(sb.add(128 + 32 * half).cast());
-                let (lo, hi) = (
-                    _mm256_loadu_si256(ql.cast()),
-                    _mm256_loadu_si256(ql.add(32).cast()),
-                );
-                let (nibble_shift, bit_shift) = if upper { (4, 4) } else { (0, 0) };
-                let mask = _mm256_set1_epi8(0x0f);
-                let two = _mm256_set1_epi8(3);
-                let shift = |v: __m256i, n: i32| match n {
-                    0 => v,
-                    2 => _mm256_srli_epi16(v, 2),
-                    4 => _mm256_srli_epi16(v, 4),
-                    _ => _mm256_srli_epi16(v, 6),
-                };
-                let value = |ql: __m256i, qh_shift: i32| {
-                    let low = _mm256_and_si256(shift(ql, nibble_shift), mask);
-                    let high = _mm256_slli_epi16(_mm256_and_si256(shift(qh, qh_shift), two), 4);
-                    _mm256_or_si256(low, high)
-                };
-                join(value(lo, bit_shift), value(hi, bit_shift + 2))
+            // The K-quants: a pair is one 256-bit half per block, as the AVX2 kernels
+            // unpack it.
+            Format::Q4K | Format::Q5K | Format::Q6K => {
+                let [low, high] = super::avx2::unpack::<B>(w, pair, blocks);
+                join(low, high)
             }
         }
     }

@@ -329,6 +329,17 @@ fn portable_item(src: &Source, item: &Item, s: &mut Scratch) {
     s.finish(hd);
 }
 
+/// Cephes' `expf` polynomial for `(e^r - 1 - r) / r^2` on `|r| <= ln(2)/2`, highest power
+/// first: both `exp`s evaluate it.
+const EXP_POLYNOMIAL: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// `e^x` for every value, within a few ulps of `f32::exp` (Cephes' `expf`, as the AVX-512
 /// kernel's `exp`), in plain arithmetic that compiles to vector instructions where the
 /// library's scalar `exp` cannot: `x = n ln 2 + r`, a polynomial for `e^r`, times `2^n` built
@@ -343,14 +354,8 @@ fn exp_in_place(values: &mut [f32]) {
         // ln 2 in two parts: n * 0.693359375 is exact, so r keeps its low bits.
         let r = x - n * (355.0 / 512.0);
         let r = r - n * -2.121_944_4e-4;
-        let mut y = 1.987_569_1e-4;
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
+        let mut y = EXP_POLYNOMIAL[0];
+        for c in &EXP_POLYNOMIAL[1..] {
             y = y * r + c;
         }
         let y = y * (r * r) + r + 1.0;

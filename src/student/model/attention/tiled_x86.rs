@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Block, Item, KEY_BLOCK, Scratch, Source};
+use super::{Block, EXP_POLYNOMIAL, Item, KEY_BLOCK, Scratch, Source};
 
 /// Registers of 16 positions in a key block.
 const KEY_CHUNKS: usize = KEY_BLOCK / 16;
@@ -331,14 +331,8 @@ pub(super) fn exp(x: __m512) -> __m512 {
     // ln 2 in two parts: n * 0.693359375 is exact, so r keeps its low bits.
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(355.0 / 512.0), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let mut y = _mm512_set1_ps(EXP_POLYNOMIAL[0]);
+    for &c in &EXP_POLYNOMIAL[1..] {
         y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
     }
     let y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
