@@ -230,12 +230,12 @@ pub unsafe fn pack_column<B: BlockFormat, const G: usize>(
         }
         let chunk_spans = (spans - 16 * c).min(16);
         // SAFETY: the chunk's spans lie inside the row.
-        unsafe { span_scales::<B, G>(w, c, chunk_spans, chunk) };
+        unsafe { span_scales::<B, G>(w, c, chunk_spans, &mut chunk.scale, &mut chunk.minimum) };
     }
 }
 
 /// The scales and minimums of chunk `c`'s first `spans` spans in lane order
-/// ([`super::lane_span`]) into `chunk`; zero past them. The 32-value formats' are gathered
+/// ([`super::lane_span`]) into `scale` and `minimum`; zero past them. The 32-value formats' are gathered
 /// 8 at a time (a scalar conversion per span cost as much as unpacking them).
 ///
 /// # Safety
@@ -246,7 +246,8 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
     w: *const u8,
     c: usize,
     spans: usize,
-    chunk: &mut WeightChunk<G>,
+    scale: &mut [f32; 16],
+    minimum: &mut [f32; 16],
 ) {
     if B::VALUES == 32 {
         // Each block starts with its f16 scale (Q4_1, Q5_1: then its f16 minimum).
@@ -273,26 +274,26 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
             let mask = _mm256_set1_epi32(0xffff);
             // SAFETY: 8 floats at `8 * h` of 16-float arrays.
             unsafe {
-                let scale = halves(_mm256_and_si256(words, mask));
-                _mm256_storeu_ps(chunk.scale.as_mut_ptr().add(8 * h), scale);
-                let minimum = if B::HAS_MINIMUM {
+                let scales = halves(_mm256_and_si256(words, mask));
+                _mm256_storeu_ps(scale.as_mut_ptr().add(8 * h), scales);
+                let minimums = if B::HAS_MINIMUM {
                     halves(_mm256_srli_epi32::<16>(words))
                 } else {
                     _mm256_setzero_ps()
                 };
-                _mm256_storeu_ps(chunk.minimum.as_mut_ptr().add(8 * h), minimum);
+                _mm256_storeu_ps(minimum.as_mut_ptr().add(8 * h), minimums);
             }
         }
         return;
     }
     if matches!(B::FORMAT, Format::Q4K | Format::Q5K) {
         // SAFETY: the chunk's spans lie inside the row.
-        (chunk.scale, chunk.minimum) = unsafe { q4k_chunk_scales::<B>(w, c, 16 * c + spans) };
+        (*scale, *minimum) = unsafe { q4k_chunk_scales::<B>(w, c, 16 * c + spans) };
         return;
     }
     for lane in 0..16 {
         let span = 16 * c + super::lane_span(lane, G);
-        (chunk.scale[lane], chunk.minimum[lane]) = if span - 16 * c < spans {
+        (scale[lane], minimum[lane]) = if span - 16 * c < spans {
             // SAFETY: the span lies inside the row.
             unsafe { span_scale::<B>(w, span) }
         } else {
@@ -399,7 +400,13 @@ unsafe fn sub_tile<B: BlockFormat, const G: usize, const R: usize>(
                 }
                 for r in 0..R {
                     for c in 0..SUB_TILE {
-                        acc[r][c] = fold::<B, G>(sums[r][c], w[c], a[r], at, acc[r][c]);
+                        acc[r][c] = fold::<B, G>(
+                            sums[r][c],
+                            (&w[c].scale, &w[c].minimum),
+                            a[r],
+                            at,
+                            acc[r][c],
+                        );
                     }
                 }
             }
@@ -439,7 +446,7 @@ fn dot4<B: BlockFormat>(u: __m256i, q: __m256i) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fold<B: BlockFormat, const G: usize>(
     sums: __m256i,
-    w: &WeightChunk<G>,
+    (scale, minimum): (&[f32; 16], &[f32; 16]),
     a: &ActChunk<G>,
     at: usize,
     acc: __m256,
@@ -447,13 +454,13 @@ unsafe fn fold<B: BlockFormat, const G: usize>(
     // SAFETY: 8 floats at `at` of 16-float arrays.
     unsafe {
         let scale = _mm256_mul_ps(
-            _mm256_loadu_ps(w.scale.as_ptr().add(at)),
+            _mm256_loadu_ps(scale.as_ptr().add(at)),
             _mm256_loadu_ps(a.scale.as_ptr().add(at)),
         );
         let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
         if B::HAS_MINIMUM {
             _mm256_fmadd_ps(
-                _mm256_loadu_ps(w.minimum.as_ptr().add(at)),
+                _mm256_loadu_ps(minimum.as_ptr().add(at)),
                 _mm256_loadu_ps(a.mean.as_ptr().add(at)),
                 acc,
             )
@@ -508,7 +515,7 @@ pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
     let spans = blocks * 32 / (4 * G);
     let w = w.as_ptr();
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut scales = WeightChunk::<G>::default();
+    let (mut scale, mut minimum) = ([0f32; 16], [0f32; 16]);
     for c in 0..chunks {
         // SAFETY: every chunk index is below `chunks`, which each row holds.
         let a: [&ActChunk<G>; R] = std::array::from_fn(|r| unsafe { rows[r].get_unchecked(c) });
@@ -568,7 +575,7 @@ pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
         }
         let chunk_spans = (spans - 16 * c).min(16);
         // SAFETY: the chunk's spans lie inside the row.
-        unsafe { span_scales::<B, G>(w, c, chunk_spans, &mut scales) };
+        unsafe { span_scales::<B, G>(w, c, chunk_spans, &mut scale, &mut minimum) };
         for r in 0..R {
             let in_lanes: [i32; 16] = std::array::from_fn(|l| by_span[r][super::lane_span(l, G)]);
             for (h, acc) in acc[r].iter_mut().enumerate() {
@@ -579,7 +586,7 @@ pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
                         let offset = _mm256_loadu_si256(a[r].offset.as_ptr().add(8 * h).cast());
                         sums = _mm256_add_epi32(sums, offset);
                     }
-                    *acc = fold::<B, G>(sums, &scales, a[r], 8 * h, *acc);
+                    *acc = fold::<B, G>(sums, (&scale, &minimum), a[r], 8 * h, *acc);
                 }
             }
         }
