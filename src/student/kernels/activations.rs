@@ -52,6 +52,63 @@ pub fn quantize_row<const G: usize>(
     scratch: &mut RowScratch,
     out: &mut [ActChunk<G>],
 ) {
+    // The body is compiled once per tier: built for plain x86-64, its block loop, sums and
+    // f16 rounding would otherwise run as baseline code and call the vector blocks one by one.
+    #[cfg(target_arch = "x86_64")]
+    match super::tier() {
+        super::Tier::Avx512 => {
+            // SAFETY: the tier in use was checked against the CPU when it was chosen.
+            return unsafe { quantize_row_avx512(x, offset, interleaved, scratch, out) };
+        }
+        super::Tier::Avx2 => {
+            // SAFETY: as above.
+            return unsafe { quantize_row_avx2(x, offset, interleaved, scratch, out) };
+        }
+        super::Tier::Portable => {}
+    }
+    quantize_row_body(x, offset, interleaved, scratch, out)
+}
+
+/// [`quantize_row`] compiled for the AVX-512 tier.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier's features.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn quantize_row_avx512<const G: usize>(
+    x: &[f32],
+    offset: i32,
+    interleaved: bool,
+    scratch: &mut RowScratch,
+    out: &mut [ActChunk<G>],
+) {
+    quantize_row_body(x, offset, interleaved, scratch, out)
+}
+
+/// [`quantize_row`] compiled for the AVX2 tier.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_row_avx2<const G: usize>(
+    x: &[f32],
+    offset: i32,
+    interleaved: bool,
+    scratch: &mut RowScratch,
+    out: &mut [ActChunk<G>],
+) {
+    quantize_row_body(x, offset, interleaved, scratch, out)
+}
+
+#[inline(always)]
+fn quantize_row_body<const G: usize>(
+    x: &[f32],
+    offset: i32,
+    interleaved: bool,
+    scratch: &mut RowScratch,
+    out: &mut [ActChunk<G>],
+) {
     let k = x.len();
     let span = 4 * G;
     let RowScratch {
@@ -62,23 +119,27 @@ pub fn quantize_row<const G: usize>(
     q.resize(k, 0);
     // llama.cpp's activation blocks store the scale (and Q8_1's scaled sum) as f16;
     // rounding them the same way keeps greedy answers close to llama.cpp's.
-    let f16_round = |v: f32| half::f16::from_f32(v).to_f32();
+    // Plain loops, not iterator adapters: those are functions of their own, compiled for
+    // plain x86-64 whatever tier calls them, and the vector blocks could not inline into them.
     // (d rounded to f16, d) of each 32-value block.
     block_d.clear();
-    block_d.extend(
-        x.chunks_exact(BLOCK)
-            .zip(q.chunks_exact_mut(BLOCK))
-            .map(|(values, q)| {
-                let d = quantize_block(values.try_into().unwrap(), q.try_into().unwrap());
-                (f16_round(d), d)
-            }),
-    );
+    for b in 0..k / BLOCK {
+        let range = b * BLOCK..(b + 1) * BLOCK;
+        let d = quantize_block(
+            x[range.clone()].try_into().unwrap(),
+            (&mut q[range]).try_into().unwrap(),
+        );
+        block_d.push((f16_round(d), d));
+    }
     let spans = k / span;
     span_sums.clear();
-    span_sums.extend(
-        q.chunks_exact(span)
-            .map(|values| values.iter().map(|&v| v as i32).sum::<i32>()),
-    );
+    for s in 0..spans {
+        let mut sum = 0i32;
+        for &v in &q[s * span..(s + 1) * span] {
+            sum += v as i32;
+        }
+        span_sums.push(sum);
+    }
     for (c, chunk) in out.iter_mut().enumerate() {
         let chunk_spans = (spans - 16 * c).min(16);
         let values = &q[c * 64 * G..(c * 64 * G + 64 * G).min(k)];
@@ -113,8 +174,16 @@ pub fn quantize_row<const G: usize>(
     }
 }
 
+/// `v` rounded to f16 and back. llama.cpp's activation blocks store the scale (and Q8_1's
+/// scaled sum) as f16; rounding them the same way keeps greedy answers close to llama.cpp's.
+#[inline(always)]
+fn f16_round(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
+
 /// A full chunk's `64 * G` bytes in value order (16 spans) to the kernels' layout: register
 /// `j`, lane `l` holds group `j` of span [`lane_span`]`(l, G)`.
+#[inline(always)]
 fn interleave<const G: usize>(values: &[i8], out: &mut [[i8; 64]; G]) {
     assert_eq!(values.len(), 64 * G);
     #[cfg(target_arch = "x86_64")]
@@ -132,6 +201,7 @@ fn interleave<const G: usize>(values: &[i8], out: &mut [[i8; 64]; G]) {
 
 /// Quantizes 32 values to signed bytes (`round(v / d)`, halves away from zero) and returns
 /// their scale `d = max |v| / 127`.
+#[inline(always)]
 fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::avx512_in_use() {
@@ -142,6 +212,7 @@ fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
 }
 
 /// [`quantize_block`] one value at a time.
+#[inline(always)]
 fn quantize_block_portable(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
     let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;

@@ -106,8 +106,9 @@ unsafe fn unpack<B: BlockFormat, const WHOLE: bool>(
 ///
 /// # Safety
 /// The chunk's spans must lie inside the row at `w`; the CPU must have AVX-512 F and F16C.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+// Always inlined, so without `target_feature` of its own (Rust forbids both): left as a
+// call, it cost a twentieth of decoding. Its callers carry the AVX-512 features.
+#[inline(always)]
 unsafe fn span_scales<B: BlockFormat, const G: usize>(
     w: *const u8,
     c: usize,
@@ -569,6 +570,7 @@ unsafe fn add_adjacent(a: __m512i, b: __m512i) -> __m512i {
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.
+#[inline]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 {
     // SAFETY: the loads and stores are of the two arrays' own 32 values and bytes.
@@ -584,10 +586,12 @@ pub unsafe fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 
             // The fraction is exact; from a half up, step away from zero.
             let fraction = _mm512_abs_ps(_mm512_sub_ps(scaled, whole));
             let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(fraction, _mm512_set1_ps(0.5));
-            let step = _mm512_or_ps(
-                _mm512_set1_ps(1.0),
-                _mm512_and_ps(scaled, _mm512_set1_ps(-0.0)),
-            );
+            // 1.0 with `scaled`'s sign, by integer operations: the float ones need AVX-512 DQ.
+            let sign = _mm512_and_si512(_mm512_castps_si512(scaled), _mm512_set1_epi32(i32::MIN));
+            let step = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_castps_si512(_mm512_set1_ps(1.0)),
+                sign,
+            ));
             _mm512_cvttps_epi32(_mm512_mask_add_ps(whole, away, whole, step))
         };
         _mm_storeu_si128(q.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(round(lo)));
@@ -603,6 +607,7 @@ pub unsafe fn quantize_block(values: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> f32 
 ///
 /// # Safety
 /// The CPU must have AVX-512 F; `values` must hold `64 * G` bytes.
+#[inline]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn interleave<const G: usize>(values: &[i8], out: &mut [[i8; 64]; G]) {
     // SAFETY: the loads read the caller's `64 * G` bytes, the stores fill `out`.
