@@ -196,7 +196,7 @@ fn the_kernels_setting_picks_the_tier_health_reports() {
     let health = get_json(&format!("{base}/health"));
     let best = health["student"]["kernels"].as_str().unwrap().to_string();
     assert!(
-        ["avx512", "avx2", "portable"].contains(&best.as_str()),
+        ["avx512", "avx-vnni", "avx2", "portable"].contains(&best.as_str()),
         "{health}"
     );
 

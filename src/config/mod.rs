@@ -101,13 +101,15 @@ pub enum Mode {
 
 /// `student.kernels`: the instruction-set level of duet's own kernels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Kernels {
     /// The best level this CPU has.
     #[default]
     Auto,
     /// AVX-512 with VNNI (Intel since Ice Lake servers, AMD since Zen 4).
     Avx512,
+    /// AVX2 with AVX-VNNI, FMA and F16C (Intel client CPUs since Alder Lake, AMD since Zen 4).
+    AvxVnni,
     /// AVX2 with FMA and F16C (x86-64 CPUs since about 2013-2015).
     Avx2,
     /// No SIMD of duet's own: candle's kernels, on any CPU.

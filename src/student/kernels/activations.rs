@@ -60,7 +60,7 @@ pub fn quantize_row<const G: usize>(
             // SAFETY: the tier in use was checked against the CPU when it was chosen.
             return unsafe { quantize_row_avx512(x, offset, interleaved, scratch, out) };
         }
-        super::Tier::Avx2 => {
+        super::Tier::Avx2 | super::Tier::AvxVnni => {
             // SAFETY: as above.
             return unsafe { quantize_row_avx2(x, offset, interleaved, scratch, out) };
         }

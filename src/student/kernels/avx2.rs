@@ -307,13 +307,20 @@ unsafe fn span_scales<B: BlockFormat, const G: usize>(
 const SUB_TILE: usize = 2;
 
 /// The dot products of `R` activation rows with `C` packed columns (format `B`, `chunks`
-/// chunks each), as [`super::avx512::tile`] computes them, to the bit.
+/// chunks each), as [`super::avx512::tile`] computes them, to the bit; with `VNNI`, the byte
+/// products are AVX-VNNI's (see [`add_dot4`]).
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; every column and row must hold `chunks` chunks;
-/// `G` must be `B::GROUPS`.
+/// The CPU must have AVX2, FMA and F16C, and AVX-VNNI for `VNNI`; every column and row must
+/// hold `chunks` chunks; `G` must be `B::GROUPS`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile<B: BlockFormat, const G: usize, const R: usize, const C: usize>(
+pub unsafe fn tile<
+    B: BlockFormat,
+    const G: usize,
+    const R: usize,
+    const C: usize,
+    const VNNI: bool,
+>(
     columns: [&[WeightChunk<G>]; C],
     rows: [&[ActChunk<G>]; R],
     chunks: usize,
@@ -326,11 +333,12 @@ pub unsafe fn tile<B: BlockFormat, const G: usize, const R: usize, const C: usiz
             // SAFETY: the caller vouches for the rows, columns and features.
             unsafe {
                 if r0 + 1 < R {
-                    let lanes = sub_tile::<B, G, 2>(columns, [rows[r0], rows[r0 + 1]], chunks);
+                    let lanes =
+                        sub_tile::<B, G, 2, VNNI>(columns, [rows[r0], rows[r0 + 1]], chunks);
                     add_up(&lanes, r0, c0, &mut out);
                 } else {
                     // A lone last row (decoding one sequence): no second row's work.
-                    let lanes = sub_tile::<B, G, 1>(columns, [rows[r0]], chunks);
+                    let lanes = sub_tile::<B, G, 1, VNNI>(columns, [rows[r0]], chunks);
                     add_up(&lanes, r0, c0, &mut out);
                 }
             }
@@ -363,7 +371,7 @@ fn add_up<const RS: usize, const R: usize, const C: usize>(
 /// As [`tile`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn sub_tile<B: BlockFormat, const G: usize, const R: usize>(
+unsafe fn sub_tile<B: BlockFormat, const G: usize, const R: usize, const VNNI: bool>(
     w: [&[WeightChunk<G>]; SUB_TILE],
     a: [&[ActChunk<G>]; R],
     chunks: usize,
@@ -394,7 +402,7 @@ unsafe fn sub_tile<B: BlockFormat, const G: usize, const R: usize>(
                     for r in 0..R {
                         let q = _mm256_load_si256(a[r].qs[j].as_ptr().add(4 * at).cast());
                         for c in 0..SUB_TILE {
-                            sums[r][c] = _mm256_add_epi32(sums[r][c], dot4::<B>(u[c], q));
+                            sums[r][c] = add_dot4::<B, VNNI>(sums[r][c], u[c], q);
                         }
                     }
                 }
@@ -421,20 +429,46 @@ unsafe fn sub_tile<B: BlockFormat, const G: usize, const R: usize>(
     lanes
 }
 
-/// Each 32-bit lane's sum of its 4 products `u * q` (unsigned weight bytes, signed
+/// `acc` plus each 32-bit lane's sum of its 4 products `u * q` (unsigned weight bytes, signed
 /// activations). The 16-bit pair sums of `vpmaddubsw` stay below 2 * 63 * 127 for the 4-, 5-
 /// and 6-bit formats; Q8_0's bytes (up to 255) could overflow them, so its weights are
 /// multiplied signed, `|w| * (q with w's sign)`: the same sum less the offset term.
+///
+/// With `VNNI`, one `vpdpbusd` does it all; no pair sum saturates, so the integers are the
+/// same. It is written as `asm!` because the intrinsic inlines only into functions compiled
+/// with AVX-VNNI, and these kernels are compiled once, for AVX2, for both.
+///
+/// # Safety
+/// With `VNNI`, the CPU must have AVX-VNNI.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dot4<B: BlockFormat>(u: __m256i, q: __m256i) -> __m256i {
-    let pairs = if B::FORMAT == Format::Q8_0 {
+unsafe fn add_dot4<B: BlockFormat, const VNNI: bool>(
+    mut acc: __m256i,
+    u: __m256i,
+    q: __m256i,
+) -> __m256i {
+    let (u, q) = if B::FORMAT == Format::Q8_0 {
         let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
-        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w))
+        (_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w))
     } else {
-        _mm256_maddubs_epi16(u, q)
+        (u, q)
     };
-    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    if VNNI {
+        // SAFETY: the caller vouches for AVX-VNNI; the instruction touches only registers.
+        unsafe {
+            std::arch::asm!(
+                "{{vex}} vpdpbusd {acc}, {u}, {q}",
+                acc = inout(ymm_reg) acc,
+                u = in(ymm_reg) u,
+                q = in(ymm_reg) q,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        acc
+    } else {
+        let pairs = _mm256_maddubs_epi16(u, q);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
 }
 
 /// `acc` plus one chunk's integer lane sums for lanes `at..at + 8`, as the AVX-512
@@ -506,7 +540,7 @@ fn sum_each(v: [__m256i; 8]) -> __m256i {
 /// The CPU must have AVX2, FMA and F16C; `w` must hold the row and every row `chunks`
 /// chunks; `G` must be `B::GROUPS`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
+pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize, const VNNI: bool>(
     w: &[u8],
     blocks: usize,
     rows: [&[ActChunk<G>]; R],
@@ -541,7 +575,9 @@ pub unsafe fn dot_row<B: BlockFormat, const G: usize, const R: usize>(
                         let q = unsafe {
                             _mm256_load_si256(a[r].qs[first + p].as_ptr().add(32 * k).cast())
                         };
-                        dots[r][2 * p + k] = dot4::<B>(*u, q);
+                        // SAFETY: the caller vouches for AVX-VNNI where `VNNI`.
+                        dots[r][2 * p + k] =
+                            unsafe { add_dot4::<B, VNNI>(_mm256_setzero_si256(), *u, q) };
                     }
                 }
             }

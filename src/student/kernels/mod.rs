@@ -6,7 +6,7 @@
 //! per product ([`activations`]) and each group of weight rows is unpacked once per product
 //! into a buffer ([`WeightChunk`]) that a tile of up to [`ROW_TILE`] activation rows by
 //! [`COLUMN_TILE`] columns is multiplied against ([`avx512`], or [`avx2`] on CPUs without
-//! AVX-512 VNNI), on all threads ([`pool`]). The [`Tier`] is picked when the process starts.
+//! AVX-512 VNNI, with AVX-VNNI's byte products where the CPU has them), on all threads ([`pool`]). The [`Tier`] is picked when the process starts.
 //!
 //! Both sides share one layout: 16 spans of values per chunk, one per 32-bit lane, a span
 //! being what one weight scale covers (32 values, or 16 for Q6_K); lane `l` holds span
@@ -16,7 +16,7 @@
 //! (many rows against each unpacked column) cost little more than the multiply-adds; a row
 //! takes the same instructions in the same order whatever rows it is multiplied with, so
 //! answers are the same alone, batched and from the prompt cache. The block formats and
-//! their sizes are types in [`formats`]. Both tiers give the same bits. Other formats, and
+//! their sizes are types in [`formats`]. All tiers give the same bits. Other formats, and
 //! the portable tier, go through candle's kernels (`model/weights.rs` decides).
 
 pub mod activations;
@@ -78,6 +78,8 @@ thread_buffer!(WeightChunk<4>);
 pub enum Tier {
     /// AVX-512 F/BW/VL with VNNI, FMA and F16C.
     Avx512,
+    /// AVX2's kernels with AVX-VNNI's `vpdpbusd` for their byte products: the same bits.
+    AvxVnni,
     /// AVX2 with FMA and F16C.
     Avx2,
     /// Nothing of duet's own: candle's kernels and plain Rust, on any CPU.
@@ -89,6 +91,7 @@ impl Tier {
     pub fn name(self) -> &'static str {
         match self {
             Tier::Avx512 => "avx512",
+            Tier::AvxVnni => "avx-vnni",
             Tier::Avx2 => "avx2",
             Tier::Portable => "portable",
         }
@@ -107,6 +110,7 @@ impl Tier {
                         && has!("avx512vl")
                         && has!("avx512vnni")
                 }
+                Tier::AvxVnni => avx2 && has!("avxvnni"),
                 Tier::Avx2 => avx2,
                 Tier::Portable => true,
             }
@@ -119,7 +123,7 @@ impl Tier {
 
     /// The best tier this CPU has.
     pub fn best() -> Self {
-        [Tier::Avx512, Tier::Avx2, Tier::Portable]
+        [Tier::Avx512, Tier::AvxVnni, Tier::Avx2, Tier::Portable]
             .into_iter()
             .find(|tier| tier.available())
             .unwrap_or(Tier::Portable)
@@ -134,6 +138,7 @@ pub fn select(kernels: Kernels) -> Result<Tier, String> {
     let wanted = match kernels {
         Kernels::Auto => Tier::best(),
         Kernels::Avx512 => Tier::Avx512,
+        Kernels::AvxVnni => Tier::AvxVnni,
         Kernels::Avx2 => Tier::Avx2,
         Kernels::Portable => Tier::Portable,
     };
@@ -212,8 +217,7 @@ fn matmul_on(
     assert_eq!(lhs.len(), m * k, "activations of {m}x{k}");
     assert!(dst.len() >= m * n, "output of {m}x{n}");
     #[cfg(target_arch = "x86_64")]
-    let avx2 = tier == Tier::Avx2;
-    with_block!(format, B => product::<B, { B::GROUPS }>(avx2, weights, (m, k, n), lhs, dst));
+    with_block!(format, B => product::<B, { B::GROUPS }>(tier, weights, (m, k, n), lhs, dst));
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("no kernels on this architecture; Format::for_dtype returns None");
 }
@@ -221,7 +225,7 @@ fn matmul_on(
 /// [`matmul`] for block format `B`, whose spans have `G` groups.
 #[cfg(target_arch = "x86_64")]
 fn product<B: BlockFormat, const G: usize>(
-    avx2: bool,
+    tier: Tier,
     weights: &[u8],
     (m, k, n): (usize, usize, usize),
     lhs: &[f32],
@@ -253,23 +257,23 @@ fn product<B: BlockFormat, const G: usize>(
                     // activation row holds `chunks` chunks.
                     let sums: [f32; ROW_TILE] = unsafe {
                         match m {
-                            1 => pad_row(dot_row_on::<B, G, 1>(avx2, w, blocks, [row(0)], chunks)),
+                            1 => pad_row(dot_row_on::<B, G, 1>(tier, w, blocks, [row(0)], chunks)),
                             2 => pad_row(dot_row_on::<B, G, 2>(
-                                avx2,
+                                tier,
                                 w,
                                 blocks,
                                 [row(0), row(1)],
                                 chunks,
                             )),
                             3 => pad_row(dot_row_on::<B, G, 3>(
-                                avx2,
+                                tier,
                                 w,
                                 blocks,
                                 [row(0), row(1), row(2)],
                                 chunks,
                             )),
                             _ => dot_row_on::<B, G, 4>(
-                                avx2,
+                                tier,
                                 w,
                                 blocks,
                                 std::array::from_fn(row),
@@ -296,24 +300,24 @@ fn product<B: BlockFormat, const G: usize>(
                 let sums: [[f32; COLUMN_TILE]; ROW_TILE] = unsafe {
                     match rows_left {
                         1 => pad(tile_on::<B, G, 1, COLUMN_TILE>(
-                            avx2,
+                            tier,
                             cols,
                             [rows[0]],
                             chunks,
                         )),
                         2 => pad(tile_on::<B, G, 2, COLUMN_TILE>(
-                            avx2,
+                            tier,
                             cols,
                             [rows[0], rows[1]],
                             chunks,
                         )),
                         3 => pad(tile_on::<B, G, 3, COLUMN_TILE>(
-                            avx2,
+                            tier,
                             cols,
                             [rows[0], rows[1], rows[2]],
                             chunks,
                         )),
-                        _ => tile_on::<B, G, ROW_TILE, COLUMN_TILE>(avx2, cols, rows, chunks),
+                        _ => tile_on::<B, G, ROW_TILE, COLUMN_TILE>(tier, cols, rows, chunks),
                     }
                 };
                 for (r, sums) in sums.iter().enumerate().take(rows_left.min(ROW_TILE)) {
@@ -339,7 +343,7 @@ fn product<B: BlockFormat, const G: usize>(
                         let out = &mut panel[c * chunks..(c + 1) * chunks];
                         // SAFETY: the tier's CPU features were asserted; `w` is the whole row and `out`
                         // holds its chunks.
-                        unsafe { pack_column_on::<B, G>(avx2, w, blocks, out) };
+                        unsafe { pack_column_on::<B, G>(tier, w, blocks, out) };
                     }
                     // Rows outer: a tile of activation rows stays in the L1 cache while every
                     // column of the group passes it.
@@ -361,17 +365,17 @@ fn product<B: BlockFormat, const G: usize>(
 /// As theirs; the tier's CPU features must be there.
 #[cfg(target_arch = "x86_64")]
 unsafe fn pack_column_on<B: BlockFormat, const G: usize>(
-    avx2: bool,
+    tier: Tier,
     w: &[u8],
     blocks: usize,
     out: &mut [WeightChunk<G>],
 ) {
     // SAFETY: the caller vouches for the row, the output and the features.
     unsafe {
-        if avx2 {
-            avx2::pack_column::<B, G>(w, blocks, out)
-        } else {
-            avx512::pack_column::<B, G>(w, blocks, out)
+        match tier {
+            Tier::Avx512 => avx512::pack_column::<B, G>(w, blocks, out),
+            // Packing multiplies nothing: AVX-VNNI has nothing to add to it.
+            _ => avx2::pack_column::<B, G>(w, blocks, out),
         }
     }
 }
@@ -382,7 +386,7 @@ unsafe fn pack_column_on<B: BlockFormat, const G: usize>(
 /// As theirs; the tier's CPU features must be there.
 #[cfg(target_arch = "x86_64")]
 unsafe fn dot_row_on<B: BlockFormat, const G: usize, const R: usize>(
-    avx2: bool,
+    tier: Tier,
     w: &[u8],
     blocks: usize,
     rows: [&[ActChunk<G>]; R],
@@ -390,10 +394,10 @@ unsafe fn dot_row_on<B: BlockFormat, const G: usize, const R: usize>(
 ) -> [f32; R] {
     // SAFETY: the caller vouches for the row, the activations and the features.
     unsafe {
-        if avx2 {
-            avx2::dot_row::<B, G, R>(w, blocks, rows, chunks)
-        } else {
-            avx512::dot_row::<B, G, R>(w, blocks, rows, chunks)
+        match tier {
+            Tier::Avx512 => avx512::dot_row::<B, G, R>(w, blocks, rows, chunks),
+            Tier::AvxVnni => avx2::dot_row::<B, G, R, true>(w, blocks, rows, chunks),
+            _ => avx2::dot_row::<B, G, R, false>(w, blocks, rows, chunks),
         }
     }
 }
@@ -404,17 +408,17 @@ unsafe fn dot_row_on<B: BlockFormat, const G: usize, const R: usize>(
 /// As theirs; the tier's CPU features must be there.
 #[cfg(target_arch = "x86_64")]
 unsafe fn tile_on<B: BlockFormat, const G: usize, const R: usize, const C: usize>(
-    avx2: bool,
+    tier: Tier,
     columns: [&[WeightChunk<G>]; C],
     rows: [&[ActChunk<G>]; R],
     chunks: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: the caller vouches for the rows, columns and features.
     unsafe {
-        if avx2 {
-            avx2::tile::<B, G, R, C>(columns, rows, chunks)
-        } else {
-            avx512::tile::<B, G, R, C>(columns, rows, chunks)
+        match tier {
+            Tier::Avx512 => avx512::tile::<B, G, R, C>(columns, rows, chunks),
+            Tier::AvxVnni => avx2::tile::<B, G, R, C, true>(columns, rows, chunks),
+            _ => avx2::tile::<B, G, R, C, false>(columns, rows, chunks),
         }
     }
 }
@@ -446,7 +450,7 @@ mod tests {
     /// non-zero mean so that each format's offset term matters.
     /// The tiers of duet's kernels this CPU can run.
     fn tiers() -> Vec<Tier> {
-        [Tier::Avx512, Tier::Avx2]
+        [Tier::Avx512, Tier::AvxVnni, Tier::Avx2]
             .into_iter()
             .filter(|t| t.available())
             .collect()

@@ -148,7 +148,10 @@ fn attend_item(fast: bool, src: &Source, item: &Item, s: &mut Scratch) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::student::kernels::tier() == crate::student::kernels::Tier::Avx2 {
+    if matches!(
+        crate::student::kernels::tier(),
+        crate::student::kernels::Tier::Avx2 | crate::student::kernels::Tier::AvxVnni
+    ) {
         // SAFETY: the AVX2 tier is only chosen on CPUs that have AVX2, FMA and F16C.
         unsafe { portable_item_avx2(src, item, s) };
         return;
