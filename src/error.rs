@@ -64,6 +64,10 @@ pub enum DuetError {
         retry_after_secs: u64,
         headers: Vec<(&'static str, String)>,
     },
+    /// The shared rate limits' Redis cannot be reached and `limits.redis_failure` is
+    /// `refuse` (503 with Retry-After).
+    #[error("rate limits are counted in Redis, which cannot be reached right now; retry shortly")]
+    LimitsUnavailable,
     /// The teacher could not be reached, answered 5xx, or sent something unusable (502).
     #[error("{0}")]
     TeacherUnavailable(String),
@@ -146,6 +150,11 @@ impl DuetError {
                 StatusCode::REQUEST_TIMEOUT,
                 INVALID,
                 Some("request_timeout"),
+            ),
+            Self::LimitsUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("rate_limits_unavailable"),
             ),
             Self::ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -239,7 +248,7 @@ impl ResponseError for DuetError {
         let mut response = HttpResponse::build(self.status_code());
         response.insert_header((CONTENT_TYPE, "application/json"));
         match self {
-            Self::Overloaded(_) => {
+            Self::Overloaded(_) | Self::LimitsUnavailable => {
                 response.insert_header((RETRY_AFTER, "1"));
             }
             Self::RateLimited {

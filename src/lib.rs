@@ -89,7 +89,7 @@ pub fn start_with(
         teacher,
         router: Router::new(config),
         admission,
-        rate_limits: rate_limit::RateLimits::new(&config.limits),
+        rate_limits: rate_limit::RateLimits::new(&config.limits).map_err(std::io::Error::other)?,
         metrics: http::metrics::Metrics::new(),
         mode: config.mode,
         started_at: http::unix_now(),
@@ -99,6 +99,11 @@ pub fn start_with(
         student_config: config.student.clone(),
         client_keys,
         shutdown,
+        draining: std::sync::atomic::AtomicBool::new(false),
+        trusted_proxies: http::client_address::TrustedProxies::parse(
+            &config.server.trusted_proxies,
+        )
+        .map_err(std::io::Error::other)?,
     });
     let app_state = state.clone();
     let cors_origins = config.server.cors_origins.clone();

@@ -70,6 +70,36 @@ pub struct LimitsConfig {
     pub max_tokens: usize,
     /// Over the cap: lower max_tokens to it (true) or refuse with 400 (false).
     pub clamp_max_tokens: bool,
+    /// Where the per-minute limits are counted: this process, or Redis for all replicas.
+    pub backend: LimitsBackend,
+    /// The Redis server of the `redis` backend, e.g. `redis://127.0.0.1:6379/`.
+    pub redis_url: Secret,
+    /// What a request meets while Redis cannot be reached.
+    pub redis_failure: RedisFailure,
+    /// Longest wait for Redis on one request's check, in milliseconds.
+    pub redis_timeout_ms: u64,
+}
+
+/// `limits.backend`: where the rate limits are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    /// In this process: each replica counts for itself.
+    #[default]
+    Local,
+    /// In Redis, shared by every replica that uses the same server.
+    Redis,
+}
+
+/// `limits.redis_failure`: the `redis` backend's answer while Redis is unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFailure {
+    /// Count in this process meanwhile (a warning and a metric say so).
+    #[default]
+    Local,
+    /// Refuse limited requests with 503 until Redis is back.
+    Refuse,
 }
 
 impl Default for LimitsConfig {
@@ -82,6 +112,10 @@ impl Default for LimitsConfig {
             max_messages: 1024,
             max_tokens: 0,
             clamp_max_tokens: true,
+            backend: LimitsBackend::Local,
+            redis_url: Secret::default(),
+            redis_failure: RedisFailure::Local,
+            redis_timeout_ms: 250,
         }
     }
 }
@@ -189,6 +223,11 @@ pub struct ServerConfig {
     pub read_timeout_ms: u64,
     /// On SIGTERM or Ctrl-C, how long in-flight answers may take to finish.
     pub shutdown_grace_ms: u64,
+    /// On SIGTERM, how long duet goes on serving while `/ready` says 503, so that a load
+    /// balancer stops sending before the listener closes.
+    pub drain_ms: u64,
+    /// Proxies (addresses or CIDRs) whose `X-Forwarded-For` / `Forwarded` name the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,6 +268,8 @@ impl Default for ServerConfig {
             cors_origins: vec![],
             read_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            drain_ms: 0,
+            trusted_proxies: vec![],
         }
     }
 }

@@ -15,7 +15,8 @@ pub struct Secret(String);
 
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str("***")
+        // An unset secret has nothing to hide, and must read back as unset.
+        serializer.serialize_str(if self.0.is_empty() { "" } else { "***" })
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::{Config, ConfigError, Mode, ModelOr};
+use super::{Config, ConfigError, LimitsBackend, Mode, ModelOr};
 
 impl Config {
     /// Checks the merged settings; the first problem found is the error, naming its key.
@@ -36,6 +36,32 @@ impl Config {
         if self.server.read_timeout_ms == 0 {
             return bad(
                 "server.read_timeout_ms",
+                "must be at least 1 millisecond".into(),
+            );
+        }
+        if let Err(why) =
+            crate::http::client_address::TrustedProxies::parse(&self.server.trusted_proxies)
+        {
+            return bad("server.trusted_proxies", why);
+        }
+        if self.limits.backend == LimitsBackend::Redis {
+            let url = self.limits.redis_url.expose();
+            if url.trim().is_empty() {
+                return bad(
+                    "limits.redis_url",
+                    "must name the Redis server when limits.backend is \"redis\" \
+                     (e.g. redis://127.0.0.1:6379/)"
+                        .into(),
+                );
+            }
+            if let Err(e) = deadpool_redis::redis::Client::open(url) {
+                // The error describes the URL's form, never its password.
+                return bad("limits.redis_url", format!("is not a Redis URL: {e}"));
+            }
+        }
+        if self.limits.redis_timeout_ms == 0 {
+            return bad(
+                "limits.redis_timeout_ms",
                 "must be at least 1 millisecond".into(),
             );
         }

@@ -70,7 +70,7 @@ pub async fn require_key(
     let keys = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.client_keys.clone());
-    let open = req.path() == "/health"
+    let open = matches!(req.path(), "/health" | "/ready")
         || super::page::OPEN_PATHS.contains(&req.path())
         || keys.as_ref().is_none_or(|k| k.is_empty());
     if open {

@@ -86,11 +86,11 @@ async fn dispatch(
     payload: web::Payload,
     api: Api,
 ) -> Result<HttpResponse, DuetError> {
-    let client = ClientId::of(
-        auth::bearer_token(http.headers()),
-        http.peer_addr().map(|a| a.ip()),
-    );
-    let rate_headers = state.rate_limits.check(client)?;
+    let address = state
+        .trusted_proxies
+        .client_address(http.peer_addr().map(|a| a.ip()), http.headers());
+    let client = ClientId::of(auth::bearer_token(http.headers()), address);
+    let rate_headers = state.rate_limits.check(client).await?;
     if let Some(content_type) = http.headers().get(CONTENT_TYPE) {
         let content_type = content_type.to_str().unwrap_or("").to_ascii_lowercase();
         if !content_type.starts_with("application/json") {

@@ -19,7 +19,7 @@ pub struct Metrics {
 }
 
 /// Gauges read fresh at every scrape.
-const GAUGES: [(&str, &str); 12] = [
+const GAUGES: [(&str, &str); 13] = [
     (
         "duet_memory_budget_bytes",
         "The memory budget (memory.max_bytes).",
@@ -59,6 +59,10 @@ const GAUGES: [(&str, &str); 12] = [
     (
         "duet_student_measured_rss_bytes",
         "Resident memory measured right after the student loaded.",
+    ),
+    (
+        "duet_limits_redis_failures_total",
+        "Rate-limit checks the shared limits' Redis could not answer (counted locally or refused).",
     ),
     (
         "duet_student_forward_passes_total",
@@ -138,6 +142,10 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     m.set("duet_memory_reserved_bytes", ledger.reserved_bytes);
     m.set("duet_prompt_cache_bytes", ledger.prompt_cache_bytes);
     m.set("duet_admission_refused_total", ledger.refused);
+    m.set(
+        "duet_limits_redis_failures_total",
+        state.rate_limits.redis_failures(),
+    );
     if let Some(status) = state.student.as_ref().map(|s| s.status()) {
         m.set("duet_student_loads_total", u64::from(status.loads));
         m.set("duet_student_forward_passes_total", status.forward_passes);

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod chat;
+pub mod client_address;
 pub mod completions;
 pub mod dispatch;
 pub mod health;
@@ -10,6 +11,7 @@ pub mod llamacpp;
 pub mod metrics;
 pub mod models;
 pub mod page;
+pub mod ready;
 pub mod render;
 pub mod shutdown;
 pub mod tool_calls;
@@ -53,6 +55,10 @@ pub struct AppState {
     pub client_keys: Arc<auth::ClientKeys>,
     /// Fires when the shutdown grace period is over.
     pub shutdown: shutdown::ShutdownSignal,
+    /// Set on SIGTERM: `/ready` answers 503 from then on.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Whose forwarding headers name the client.
+    pub trusted_proxies: client_address::TrustedProxies,
 }
 
 /// A JSON body read as the API's wire type `T` (`what` names it in the 400 otherwise).
@@ -102,6 +108,7 @@ pub fn routes(cfg: &mut ServiceConfig) {
         .route("/favicon.svg", web::get().to(page::favicon))
         .route("/favicon.ico", web::get().to(page::favicon))
         .route("/health", web::get().to(health::health))
+        .route("/ready", web::get().to(ready::ready))
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/v1/models", web::get().to(models::list))
         .route("/v1/models/{id:.*}", web::get().to(models::get))
