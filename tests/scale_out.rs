@@ -17,11 +17,21 @@ use common::{SMOLLM2, model_path};
 /// Requests a client may send per minute in these tests.
 const PER_MINUTE: usize = 20;
 
-/// A child process killed with its test.
+/// A child process stopped with its test: asked with SIGTERM, so that nginx's master takes
+/// its workers with it (killed outright, it would leave them serving), then killed.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // SAFETY: a plain signal to a child this test started and has not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -49,6 +59,7 @@ fn start_redis(port: u16) -> Proc {
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let redis = Proc(child);
@@ -113,7 +124,8 @@ fn start_replica(redis_port: u16) -> (Proc, String) {
 }
 
 /// nginx running `deploy/nginx/duet.conf`, its two `server duet-...` lines pointing at
-/// `replicas`; its base URL.
+/// `replicas`; its base URL. One process (no master and workers), so that stopping it
+/// leaves nothing behind.
 fn start_nginx(dir: &Path, replicas: [&str; 2]) -> (Proc, String) {
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/duet.conf"),
@@ -150,7 +162,7 @@ fn start_nginx(dir: &Path, replicas: [&str; 2]) -> (Proc, String) {
     std::fs::write(
         dir.join("nginx.conf"),
         format!(
-            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+            "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 256; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
              proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
@@ -161,7 +173,8 @@ fn start_nginx(dir: &Path, replicas: [&str; 2]) -> (Proc, String) {
     let child = Command::new(need("nginx"))
         .args(["-p", &d.to_string(), "-c"])
         .arg(dir.join("nginx.conf"))
-        .stderr(Stdio::inherit())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let nginx = Proc(child);
@@ -226,6 +239,15 @@ async fn answered(base: &str) -> u64 {
         .sum()
 }
 
+/// Checks the replicas' Redis could not answer, in all.
+async fn redis_failures(replicas: &[&str]) -> u64 {
+    let mut sum = 0;
+    for replica in replicas {
+        sum += common::metric(replica, "duet_limits_redis_failures_total").await;
+    }
+    sum
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_behind_nginx_share_limits_through_redis() {
     let redis_port = free_port();
@@ -256,13 +278,27 @@ async fn two_replicas_behind_nginx_share_limits_through_redis() {
     let statuses = ask_many(&third, &front, 10, "third").await;
     assert!(statuses.iter().all(|&s| s < 500), "{statuses:?}");
     assert!(answered(&replica_a).await + answered(&replica_b).await > served_a + served_b);
-    let failures = common::metric(&replica_a, "duet_limits_redis_failures_total").await
-        + common::metric(&replica_b, "duet_limits_redis_failures_total").await;
+    let failures = redis_failures(&[&replica_a, &replica_b]).await;
     assert!(failures > 0, "the fallback shows in the metrics");
 
-    // Redis returns (empty): shared limits resume once the replicas retry it.
+    // Redis returns (empty): shared limits resume once the replicas have reconnected.
     let _redis = start_redis(redis_port);
-    std::thread::sleep(Duration::from_millis(1200));
+    let probe = client_at([127, 0, 0, 7]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = redis_failures(&[&replica_a, &replica_b]).await;
+        for replica in [&replica_a, &replica_b] {
+            ask(&probe, replica, &[]).await;
+        }
+        if redis_failures(&[&replica_a, &replica_b]).await == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replicas never used Redis again"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     let fourth = client_at([127, 0, 0, 5]);
     let statuses = ask_many(&fourth, &front, PER_MINUTE + 5, "fourth").await;
     assert_eq!(count(&statuses, 200), PER_MINUTE, "{statuses:?}");

@@ -54,7 +54,7 @@ impl Config {
                         .into(),
                 );
             }
-            if let Err(e) = deadpool_redis::redis::Client::open(url) {
+            if let Err(e) = redis::Client::open(url) {
                 // The error describes the URL's form, never its password.
                 return bad("limits.redis_url", format!("is not a Redis URL: {e}"));
             }
