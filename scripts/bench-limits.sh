@@ -20,33 +20,9 @@ up_port="$(free_port)"; redis_port="$(free_port)"; duet_port="$(free_port)"
 cleanup() { kill "${duet_pid:-}" "${nginx_pid:-}" "${redis_pid:-}" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-answer='{"id":"chatcmpl-up","object":"chat.completion","created":1,"model":"fake","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from upstream"},"finish_reason":"stop","logprobs":null}],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}'
-cat > "$work/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work;
-  server {
-    listen 127.0.0.1:$up_port;
-    location /v1/chat/completions { default_type application/json; return 200 '$answer'; }
-  }
-}
-NGINX
-nginx -c "$work/nginx.conf" & nginx_pid=$!
+. scripts/relay-upstream.sh
+start_relay_upstream "$work" "$up_port"
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & redis_pid=$!
-
-cat > "$work/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"fake","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8}'
-response = function(status, headers, body)
-  if status ~= 200 then io.stderr:write("status " .. status .. "\n") end
-end
-LUA
 
 start_duet() { # backend
   RUST_LOG=warn DUET_MODE=teacher TEACHER_BASE_URL="http://127.0.0.1:$up_port/v1" TEACHER_MODEL=fake \

@@ -3,19 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use common::{SMOLLM2, model_path};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Process, start_binary};
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -24,45 +14,14 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Starts the real binary with `args` on a free port; returns its guard, pid and base URL.
-fn start(args: &[&str]) -> (Server, u32, String) {
+fn start(args: &[&str]) -> (Process, u32, String) {
     start_with(args, &[])
 }
 
 /// `start`, with extra environment variables.
-fn start_with(args: &[&str], env: &[(&str, &str)]) -> (Server, u32, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
-        .args(["serve", "--port", "0", "--model"])
-        .arg(model_path(SMOLLM2))
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let pid = child.id();
-    let guard = Server(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let base = lines
-        .by_ref()
-        .take(50)
-        .find_map(|line| {
-            let line = line.unwrap();
-            let at = line.find("http://127.0.0.1:")?;
-            Some(
-                line[at..]
-                    .split_whitespace()
-                    .next()?
-                    .trim_end_matches("/v1")
-                    .trim_end_matches('/')
-                    .to_string(),
-            )
-        })
-        .expect("duet prints the address it serves");
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+fn start_with(args: &[&str], env: &[(&str, &str)]) -> (Process, u32, String) {
+    let (guard, base) = start_binary(args, env);
+    let pid = guard.0.id();
     (guard, pid, base)
 }
 

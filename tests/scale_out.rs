@@ -6,36 +6,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SMOLLM2, model_path};
+use common::{Process, start_binary};
 
 /// Requests a client may send per minute in these tests.
 const PER_MINUTE: usize = 20;
-
-/// A child process stopped with its test: asked with SIGTERM, so that nginx's master takes
-/// its workers with it (killed outright, it would leave them serving), then killed.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: a plain signal to a child this test started and has not reaped.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn need(program: &str) -> String {
     ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"]
@@ -54,7 +34,7 @@ fn free_port() -> u16 {
 }
 
 /// `redis-server` on `port`, without persistence, once it answers PING.
-fn start_redis(port: u16) -> Proc {
+fn start_redis(port: u16) -> Process {
     let child = Command::new(need("redis-server"))
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
@@ -62,7 +42,7 @@ fn start_redis(port: u16) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let redis = Proc(child);
+    let redis = Process(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
@@ -80,40 +60,12 @@ fn start_redis(port: u16) -> Proc {
 }
 
 /// The duet binary on a free port with `env`; its guard and base URL.
-fn start_duet(env: &[(&str, &str)]) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
-        .args(["serve", "--port", "0", "--model"])
-        .arg(model_path(SMOLLM2))
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let guard = Proc(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let base = lines
-        .by_ref()
-        .take(50)
-        .find_map(|line| {
-            let line = line.unwrap();
-            let at = line.find("http://127.0.0.1:")?;
-            let url = line[at..].split_whitespace().next()?;
-            Some(
-                url.trim_end_matches("/v1")
-                    .trim_end_matches('/')
-                    .to_string(),
-            )
-        })
-        .expect("duet prints the address it serves");
-    std::thread::spawn(move || lines.for_each(drop));
-    (guard, base)
+fn start_duet(env: &[(&str, &str)]) -> (Process, String) {
+    start_binary(&[], env)
 }
 
 /// A replica sharing its limits through Redis at `redis_port`, trusting nginx (127.0.0.1).
-fn start_replica(redis_port: u16) -> (Proc, String) {
+fn start_replica(redis_port: u16) -> (Process, String) {
     let url = format!("redis://127.0.0.1:{redis_port}/");
     start_duet(&[
         ("DUET_LIMITS_BACKEND", "redis"),
@@ -126,7 +78,7 @@ fn start_replica(redis_port: u16) -> (Proc, String) {
 /// nginx running `deploy/nginx/duet.conf`, its two `server duet-...` lines pointing at
 /// `replicas`; its base URL. One process (no master and workers), so that stopping it
 /// leaves nothing behind.
-fn start_nginx(dir: &Path, replicas: [&str; 2]) -> (Proc, String) {
+fn start_nginx(dir: &Path, replicas: [&str; 2]) -> (Process, String) {
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/duet.conf"),
     )
@@ -177,7 +129,7 @@ fn start_nginx(dir: &Path, replicas: [&str; 2]) -> (Proc, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let nginx = Proc(child);
+    let nginx = Process(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nginx did not start");
@@ -226,13 +178,8 @@ fn count(statuses: &[u16], status: u16) -> usize {
 
 /// Chat requests a replica answered (any status).
 async fn answered(base: &str) -> u64 {
-    let metrics = reqwest::get(format!("{base}/metrics"))
+    common::metrics_text(base)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
         .lines()
         .filter(|l| l.starts_with("duet_requests_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())

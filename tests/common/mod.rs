@@ -157,18 +157,80 @@ pub fn chat_text(events: &[String]) -> String {
         .collect()
 }
 
-/// The value of the `/metrics` line that starts with `series` (name and labels).
-pub async fn metric(base: &str, series: &str) -> u64 {
-    let metrics = reqwest::get(format!("{base}/metrics"))
+/// The `/metrics` page.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The value of the `/metrics` line that starts with `series` (name and labels).
+pub async fn metric(base: &str, series: &str) -> u64 {
+    let metrics = metrics_text(base).await;
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no metric {series} in {metrics}"))
         .parse()
         .unwrap()
+}
+
+/// A child process stopped with its test: asked with SIGTERM (duet drains, nginx takes its
+/// workers along), then killed if it has not gone within 5 seconds.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: a plain signal to a child this test started and has not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real `duet serve` binary on a free port with SmolLM2, `args` and `env`, as a user
+/// starts it; its guard and the base URL it prints.
+pub fn start_binary(args: &[&str], env: &[(&str, &str)]) -> (Process, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(model_path(SMOLLM2))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let guard = Process(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let base = lines
+        .by_ref()
+        .take(50)
+        .find_map(|line| {
+            let line = line.unwrap();
+            let at = line.find("http://127.0.0.1:")?;
+            let url = line[at..].split_whitespace().next()?;
+            Some(
+                url.trim_end_matches("/v1")
+                    .trim_end_matches('/')
+                    .to_string(),
+            )
+        })
+        .expect("duet prints the address it serves");
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (guard, base)
 }
