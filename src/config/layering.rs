@@ -29,7 +29,9 @@ pub fn load(
     let mut duet = Vec::new();
     for (name, value) in env {
         if let Some(rest) = name.strip_prefix("DUET_") {
-            if rest != "CONFIG" {
+            if rest != "CONFIG"
+                && !(env_key(rest, &defaults).is_none() && is_service_link(rest, &value))
+            {
                 duet.push((
                     name.clone(),
                     env_key(rest, &defaults).ok_or_else(|| {
@@ -61,6 +63,44 @@ pub fn load(
         .map_err(|e| ConfigError(format!("{}: {}", e.path(), e.inner().message())))?;
     config.validate()?;
     Ok(config)
+}
+
+/// Whether `DUET_<rest>=value` is a variable Kubernetes sets for a Service whose name starts
+/// with `duet` (`DUET_SERVICE_HOST=10.0.0.7`, `DUET_PORT_8080_TCP=tcp://10.0.0.7:8080`,
+/// `DUET_REDIS_SERVICE_PORT=6379`, ...): not a setting, and no reason to stop a pod that did
+/// not turn service links off. Name and value must both fit, so a mistyped setting is still
+/// an error.
+fn is_service_link(rest: &str, value: &str) -> bool {
+    let parts: Vec<&str> = rest.split('_').collect();
+    let is_address = value.parse::<std::net::IpAddr>().is_ok();
+    let is_port = value.parse::<u16>().is_ok();
+    let is_url = ["tcp://", "udp://", "sctp://"]
+        .iter()
+        .any(|scheme| value.starts_with(scheme));
+    if let Some(at) = parts.windows(2).position(|w| w[0] == "SERVICE") {
+        return match parts[at + 1] {
+            "HOST" => at + 2 == parts.len() && is_address,
+            "PORT" => is_port,
+            _ => false,
+        };
+    }
+    let Some(at) = parts.iter().position(|&p| p == "PORT") else {
+        return false;
+    };
+    match &parts[at + 1..] {
+        [] => is_url,
+        [number, protocol, last @ ..] if number.parse::<u16>().is_ok() => {
+            matches!(*protocol, "TCP" | "UDP" | "SCTP")
+                && match last {
+                    [] => is_url,
+                    ["PROTO"] => matches!(value, "tcp" | "udp" | "sctp"),
+                    ["PORT"] => is_port,
+                    ["ADDR"] => is_address,
+                    _ => false,
+                }
+        }
+        _ => false,
+    }
 }
 
 /// `SERVER_MAX_BODY_BYTES` -> `server.max_body_bytes` (and `STUDENT_SAMPLING_TOP_K` ->
@@ -247,6 +287,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("student.model"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_not_settings() {
+        // What a pod gets for Services named `duet` and `duet-redis` unless
+        // enableServiceLinks is off.
+        let links = [
+            ("DUET_SERVICE_HOST", "10.0.0.7"),
+            ("DUET_SERVICE_PORT", "8080"),
+            ("DUET_SERVICE_PORT_HTTP", "8080"),
+            ("DUET_PORT", "tcp://10.0.0.7:8080"),
+            ("DUET_PORT_8080_TCP", "tcp://10.0.0.7:8080"),
+            ("DUET_PORT_8080_TCP_PROTO", "tcp"),
+            ("DUET_PORT_8080_TCP_PORT", "8080"),
+            ("DUET_PORT_8080_TCP_ADDR", "10.0.0.7"),
+            ("DUET_REDIS_SERVICE_HOST", "10.0.0.8"),
+            ("DUET_REDIS_PORT_6379_TCP_ADDR", "10.0.0.8"),
+        ];
+        let model = existing_model();
+        let mut vars = links.to_vec();
+        vars.push(("DUET_STUDENT_MODEL", &model));
+        let c = load(None, env(&vars), &[]).unwrap();
+        assert_eq!(c.server.port, 8080);
+        // A real setting is still a setting, and a near miss still an error.
+        for (typo, value) in [
+            ("DUET_SERVER_PORTS", "1"),
+            ("DUET_LIMITS_REDIS_PORT", "6379"),
+        ] {
+            let err = load(None, env(&[(typo, value)]), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(typo), "{err}");
+        }
     }
 
     #[test]
