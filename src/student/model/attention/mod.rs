@@ -23,6 +23,8 @@
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
+mod tiled_avx2;
+#[cfg(target_arch = "x86_64")]
 mod tiled_x86;
 
 use half::f16;
@@ -61,7 +63,7 @@ pub fn attend(
     out: &mut [f32],
 ) {
     attend_with(
-        simd_supported(h.head_dim),
+        Kernel::for_heads(h.head_dim),
         h,
         queries,
         keys,
@@ -71,9 +73,9 @@ pub fn attend(
     );
 }
 
-/// [`attend`] through the AVX-512 kernel (`fast`) or the portable one.
+/// [`attend`] through `kernel`.
 fn attend_with(
-    fast: bool,
+    kernel: Kernel,
     h: Heads,
     queries: &[f32],
     keys: &[f16],
@@ -121,7 +123,7 @@ fn attend_with(
                     let q = &queries[r * row..][heads.clone()];
                     s.queries.extend(q.iter().map(|&x| x * scale));
                 }
-                attend_item(fast, &src, &item, s);
+                attend_item(kernel, &src, &item, s);
                 for (r, result) in rows.zip(s.out.chunks_exact(heads.len())) {
                     // SAFETY: a row's query heads of one key/value head are a contiguous
                     // slice of `out` that belongs to this item alone.
@@ -134,29 +136,53 @@ fn attend_with(
     });
 }
 
-/// Runs one item through the kernel `fast` asks for; the results land in `s.out`.
-fn attend_item(fast: bool, src: &Source, item: &Item, s: &mut Scratch) {
+/// Which kernel attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// [`tiled_x86`]: AVX-512, heads of 64 or 128 values.
+    Avx512,
+    /// [`tiled_avx2`]: AVX2 with FMA and F16C, heads of 64 or 128 values.
+    Avx2,
+    /// [`portable_item`]: any CPU and head size (compiled for AVX2 on the AVX2 tiers, which
+    /// vectorizes its loops twice as wide as a plain x86-64 build can).
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel the tier in use has for heads of `head_dim` values.
+    fn for_heads(head_dim: usize) -> Self {
+        use crate::student::kernels::{Tier, tier};
+        match (tier(), head_dim) {
+            (Tier::Avx512, 64 | 128) => Kernel::Avx512,
+            (Tier::AvxVnni | Tier::Avx2, 64 | 128) => Kernel::Avx2,
+            _ => Kernel::Portable,
+        }
+    }
+}
+
+/// Runs one item through `kernel`; the results land in `s.out`.
+fn attend_item(kernel: Kernel, src: &Source, item: &Item, s: &mut Scratch) {
     #[cfg(target_arch = "x86_64")]
-    if fast {
-        // SAFETY: `simd_supported` checked the CPU and the head size.
+    {
+        use crate::student::kernels::Tier;
+        // SAFETY: `Kernel::for_heads` picked the kernel for this tier's CPU features and
+        // this head size (tests pick only kernels the CPU has).
         unsafe {
-            match src.head_dim {
-                64 => tiled_x86::attend_item::<4>(src, item, s),
-                _ => tiled_x86::attend_item::<8>(src, item, s),
+            match (kernel, src.head_dim) {
+                (Kernel::Avx512, 64) => return tiled_x86::attend_item::<4>(src, item, s),
+                (Kernel::Avx512, _) => return tiled_x86::attend_item::<8>(src, item, s),
+                (Kernel::Avx2, 64) => return tiled_avx2::attend_item::<8>(src, item, s),
+                (Kernel::Avx2, _) => return tiled_avx2::attend_item::<16>(src, item, s),
+                (Kernel::Portable, _)
+                    if matches!(crate::student::kernels::tier(), Tier::Avx2 | Tier::AvxVnni) =>
+                {
+                    return portable_item_avx2(src, item, s);
+                }
+                (Kernel::Portable, _) => {}
             }
         }
-        return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if matches!(
-        crate::student::kernels::tier(),
-        crate::student::kernels::Tier::Avx2 | crate::student::kernels::Tier::AvxVnni
-    ) {
-        // SAFETY: the AVX2 tier is only chosen on CPUs that have AVX2, FMA and F16C.
-        unsafe { portable_item_avx2(src, item, s) };
-        return;
-    }
-    let _ = fast;
+    let _ = kernel;
     portable_item(src, item, s);
 }
 
@@ -169,11 +195,6 @@ fn attend_item(fast: bool, src: &Source, item: &Item, s: &mut Scratch) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn portable_item_avx2(src: &Source, item: &Item, s: &mut Scratch) {
     portable_item(src, item, s);
-}
-
-/// Whether the AVX-512 path runs for heads of `head_dim` values (64 or 128) on this CPU.
-fn simd_supported(head_dim: usize) -> bool {
-    matches!(head_dim, 64 | 128) && crate::student::kernels::avx512_in_use()
 }
 
 /// The keys and values of one key/value head in the cache.

@@ -69,20 +69,26 @@ fn direct(h: Heads, queries: &[f32], keys: &[f16], values: &[f16], pos: usize) -
     out
 }
 
-/// The kernels `attend` may run for heads of `head_dim` values: the portable one always, the
-/// AVX-512 one where the CPU has it.
-fn kernels(head_dim: usize) -> Vec<bool> {
-    let mut fast = vec![false];
-    if simd_supported(head_dim) {
-        fast.push(true);
+/// The kernels `attend` may run for heads of `head_dim` values on this CPU: the portable one
+/// always, the AVX2 and AVX-512 ones where the CPU has them.
+fn kernels(head_dim: usize) -> Vec<Kernel> {
+    use crate::student::kernels::Tier;
+    let mut kernels = vec![Kernel::Portable];
+    if matches!(head_dim, 64 | 128) {
+        if Tier::Avx2.available() {
+            kernels.push(Kernel::Avx2);
+        }
+        if Tier::Avx512.available() {
+            kernels.push(Kernel::Avx512);
+        }
     }
-    fast
+    kernels
 }
 
 /// Rows `pos..pos + t` through `attend_with`, handed only the cache up to the last row, as
 /// the model hands it.
 fn run(
-    fast: bool,
+    kernel: Kernel,
     h: Heads,
     all: &(Vec<f32>, Vec<f16>, Vec<f16>),
     pos: usize,
@@ -94,7 +100,7 @@ fn run(
     let cache = (pos + rows.end) * kv_row;
     let mut out = vec![0.0; queries.len()];
     attend_with(
-        fast,
+        kernel,
         h,
         queries,
         &keys[..cache],
@@ -114,12 +120,12 @@ fn matches_a_direct_evaluation() {
         for (pos, t) in [(5, 3), (0, 1), (0, 300), (45, 259)] {
             let all = inputs(h, pos + t, t);
             let expected = direct(h, &all.0, &all.1, &all.2, pos);
-            for fast in kernels(h.head_dim) {
-                let got = run(fast, h, &all, pos, 0..t);
+            for kernel in kernels(h.head_dim) {
+                let got = run(kernel, h, &all, pos, 0..t);
                 for (i, (a, b)) in got.iter().zip(&expected).enumerate() {
                     assert!(
                         (a - b).abs() < 1e-3,
-                        "{layout:?} pos {pos} t {t} fast {fast}: value {i}: {a} vs {b}"
+                        "{layout:?} pos {pos} t {t} {kernel:?}: value {i}: {a} vs {b}"
                     );
                 }
             }
@@ -138,18 +144,18 @@ fn rows_alone_or_together_give_the_same_bits() {
         for pos in [0, 45] {
             let t = 300;
             let all = inputs(h, pos + t, t);
-            for fast in kernels(h.head_dim) {
-                let together = bits(&run(fast, h, &all, pos, 0..t));
+            for kernel in kernels(h.head_dim) {
+                let together = bits(&run(kernel, h, &all, pos, 0..t));
                 for split in [1, 16, 37, 64, 100, 211, 299] {
-                    let mut parts = run(fast, h, &all, pos, 0..split);
-                    parts.extend(run(fast, h, &all, pos, split..t));
+                    let mut parts = run(kernel, h, &all, pos, 0..split);
+                    parts.extend(run(kernel, h, &all, pos, split..t));
                     assert!(
                         bits(&parts) == together,
                         "{layout:?} pos {pos} split {split}"
                     );
                 }
                 for i in [0, 1, 18, 19, 63, 64, 65, 127, 128, 200, 299] {
-                    let alone = bits(&run(fast, h, &all, pos, i..i + 1));
+                    let alone = bits(&run(kernel, h, &all, pos, i..i + 1));
                     assert!(
                         alone == together[i * row..][..row],
                         "{layout:?} pos {pos} row {i}"
@@ -262,4 +268,32 @@ fn portable_exp_is_close_to_the_librarys() {
     assert_eq!(ours[20_000], 1.0);
     assert_eq!(ours[20_001], 0.0);
     assert_eq!(ours[20_002], 0.0);
+}
+
+/// The AVX2 kernel's `exp` gives the portable one's bits, lane for lane.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn avx2_exp_gives_the_portable_bits() {
+    use std::arch::x86_64::*;
+    if !crate::student::kernels::Tier::Avx2.available() {
+        eprintln!("skipped: this CPU has no AVX2");
+        return;
+    }
+    let mut xs: Vec<f32> = (0..40_000).map(|i| -110.0 + i as f32 * 0.005).collect();
+    xs.extend([0.0, -0.0, f32::NEG_INFINITY, -200.0, 1e-7, 88.0, -104.0]);
+    while !xs.len().is_multiple_of(8) {
+        xs.push(0.5);
+    }
+    let mut portable = xs.clone();
+    super::exp_in_place(&mut portable);
+    for (x, want) in xs.chunks_exact(8).zip(portable.chunks_exact(8)) {
+        let mut got = [0f32; 8];
+        // SAFETY: AVX2 and FMA were checked above; 8 floats are loaded and stored.
+        unsafe {
+            let v = super::tiled_avx2::exp(_mm256_loadu_ps(x.as_ptr()));
+            _mm256_storeu_ps(got.as_mut_ptr(), v);
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(want), "exp of {x:?}");
+    }
 }
