@@ -341,3 +341,46 @@ async fn sigterm_turns_readiness_off_while_still_serving() {
     assert_eq!(health.status().as_u16(), 200, "but alive");
     assert_eq!(ask(&client, &base, &[]).await, 200, "and still answering");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limits_are_shared_and_a_refusal_reports_both_kinds() {
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port);
+    let url = format!("redis://127.0.0.1:{redis_port}/");
+    let env = [
+        ("DUET_LIMITS_BACKEND", "redis"),
+        ("DUET_LIMITS_REDIS_URL", url.as_str()),
+        ("DUET_LIMITS_REQUESTS_PER_MINUTE", "20"),
+        ("DUET_LIMITS_TOKENS_PER_MINUTE", "3"),
+    ];
+    let (_a, replica_a) = start_duet(&env);
+    let (_b, replica_b) = start_duet(&env);
+    let client = client_at([127, 0, 0, 2]);
+    // One generated token each (max_tokens 1): the token taken when the request is admitted.
+    let mut last = None;
+    let mut statuses = Vec::new();
+    for replica in [&replica_a, &replica_b, &replica_a, &replica_b] {
+        let response = client
+            .post(format!("{replica}/v1/chat/completions"))
+            .json(&serde_json::json!({
+                "model": "SmolLM2-135M-Instruct.Q4_1",
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": "Hi"}],
+            }))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        last = Some(response);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let refused = last.unwrap();
+    let header = |name: &str| refused.headers()[name].to_str().unwrap().to_string();
+    assert_eq!(header("x-ratelimit-limit-tokens"), "3");
+    assert_eq!(header("x-ratelimit-remaining-tokens"), "0");
+    // The requests limit was not what refused: it reports what it had left.
+    assert_eq!(header("x-ratelimit-limit-requests"), "20");
+    assert_eq!(header("x-ratelimit-remaining-requests"), "16");
+    let retry: u64 = header("retry-after").parse().unwrap();
+    assert!((1..=21).contains(&retry), "{retry}");
+}

@@ -53,7 +53,13 @@ impl LocalLimits {
         for (index, (spec, limiter)) in self.limits.iter().enumerate() {
             match take_n(limiter, key(spec, client), 1) {
                 Ok(left) => remaining.push(left),
-                Err(wait) => return Err(Refusal { index, wait }),
+                Err(wait) => {
+                    return Err(Refusal {
+                        index,
+                        wait,
+                        before: remaining,
+                    });
+                }
             }
         }
         Ok(remaining)

@@ -60,11 +60,13 @@ impl Spec {
 /// A check's outcome: every limit's cells left, or the limit that had none.
 pub type Taken = Result<Vec<u32>, Refusal>;
 
-/// The limit (index into the specs) that refused, and when it would have had the cells.
+/// The limit (index into the specs) that refused, when it would have had the cells, and the
+/// cells left in the limits before it.
 #[derive(Debug)]
 pub struct Refusal {
     index: usize,
     wait: Duration,
+    before: Vec<u32>,
 }
 
 /// All configured limits, and where they are counted.
@@ -195,14 +197,19 @@ impl RateLimits {
         };
         match taken {
             Ok(remaining) => Ok(reported(&self.specs, &remaining)),
-            Err(Refusal { index, wait }) => {
+            Err(Refusal {
+                index,
+                wait,
+                before,
+            }) => {
                 let spec = self.specs[index];
-                // The kinds before the refusing one as they stood, the refusing one empty.
+                // The other kind as it stood (when it came first), the refusing one empty.
                 let mut headers: RateHeaders = self.specs[..index]
                     .iter()
-                    .filter(|s| s.kind != spec.kind)
+                    .zip(&before)
+                    .filter(|(s, _)| s.kind != spec.kind)
                     .take(1)
-                    .flat_map(|s| describe(s.kind, s.per_minute, s.per_minute))
+                    .flat_map(|(s, left)| describe(s.kind, s.per_minute, *left))
                     .collect();
                 headers.extend(describe(spec.kind, spec.per_minute, 0));
                 let scope = if spec.per_client {

@@ -15,7 +15,8 @@ use super::{ClientId, Refusal, Spec, Taken};
 
 /// KEYS: one bucket per limit. ARGV[1]: `take` (one cell of each, all or none) or `drain`
 /// (ARGV's cells of each, as many as there are); then per limit its cells per minute and
-/// the cells asked. Answers `{0, remaining...}`, or `{refusing limit (1-based), wait in µs}`.
+/// the cells asked. Answers `{0, remaining...}`, or `{refusing limit (1-based), wait in µs,
+/// remaining in the limits before it...}`.
 const GCRA: &str = r#"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -30,7 +31,9 @@ for i, key in ipairs(KEYS) do
   local next_tat = tat + n * interval
   if take then
     if next_tat - period > now then
-      return {i, math.ceil(next_tat - period - now)}
+      local refusal = {i, math.ceil(next_tat - period - now)}
+      for j = 1, i - 1 do refusal[j + 2] = remaining[j] end
+      return refusal
     end
   elseif next_tat > now + period then
     next_tat = now + period
@@ -92,14 +95,17 @@ impl SharedLimits {
     pub async fn take(&self, specs: &[Spec], client: ClientId) -> Result<Taken, String> {
         let answer = self.run("take", specs, client, 1).await?;
         match answer.split_first() {
-            Some((0, remaining)) if remaining.len() == specs.len() => Ok(Ok(remaining
-                .iter()
-                .map(|&r| u32::try_from(r.max(0)).unwrap_or(u32::MAX))
-                .collect())),
-            Some((&index, [wait_us])) if (1..=specs.len() as i64).contains(&index) => {
+            Some((0, remaining)) if remaining.len() == specs.len() => {
+                Ok(Ok(remaining.iter().map(|&r| cells(r)).collect()))
+            }
+            Some((&index, [wait_us, before @ ..]))
+                if (1..=specs.len() as i64).contains(&index)
+                    && before.len() == index as usize - 1 =>
+            {
                 Ok(Err(Refusal {
                     index: index as usize - 1,
                     wait: Duration::from_micros(u64::try_from(*wait_us).unwrap_or(0)),
+                    before: before.iter().map(|&r| cells(r)).collect(),
                 }))
             }
             _ => Err(format!(
@@ -139,6 +145,11 @@ impl SharedLimits {
             .await
             .map_err(|_| format!("no answer within {} ms", self.timeout.as_millis()))?
     }
+}
+
+/// A count of cells from the script.
+fn cells(n: i64) -> u32 {
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
 /// `duet:limits:<requests|tokens>:<client hash|all>`: no key names a client's API key.
