@@ -133,7 +133,8 @@ impl RateLimits {
         }
         let taken = match self.shared_answer(client).await {
             Some(taken) => taken,
-            None if self.on_redis_failure == RedisFailure::Refuse => {
+            // Redis is configured but did not answer (with the local backend, nothing to refuse).
+            None if self.shared.is_some() && self.on_redis_failure == RedisFailure::Refuse => {
                 return Err(DuetError::LimitsUnavailable);
             }
             None => self.local.take(client),
@@ -332,6 +333,18 @@ mod tests {
         check(&l).unwrap();
         l.charge_tokens(c, 500); // more than the bucket holds: it is emptied
         assert!(matches!(check(&l), Err(DuetError::RateLimited { .. })));
+    }
+
+    #[test]
+    fn refusing_on_redis_failure_means_nothing_without_redis() {
+        let l = RateLimits::new(&LimitsConfig {
+            requests_per_minute: 2,
+            redis_failure: RedisFailure::Refuse,
+            ..Default::default()
+        })
+        .unwrap();
+        let c = ClientId::of(Some("k"), None);
+        assert!(futures::executor::block_on(l.check(c)).is_ok());
     }
 
     #[test]
