@@ -111,17 +111,15 @@ async fn serve(config: duet::config::Config) -> std::process::ExitCode {
     let state = running.state.clone();
     actix_web::rt::spawn(async move {
         let signal = stop_signal().await;
-        if !drain.is_zero() {
-            // Balancers see /ready fail and stop sending; what still arrives is answered.
-            state
-                .draining
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(%signal, drain_ms = drain.as_millis() as u64, "draining: /ready says 503; still serving");
-            actix_web::rt::time::sleep(drain).await;
-        }
+        // From now on /ready says 503: balancers stop sending.
         state
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        if !drain.is_zero() {
+            // What still arrives meanwhile is answered.
+            tracing::info!(%signal, drain_ms = drain.as_millis() as u64, "draining: /ready says 503; still serving");
+            actix_web::rt::time::sleep(drain).await;
+        }
         tracing::info!(%signal, grace_ms = grace.as_millis() as u64, "stopping: no new connections; answers in flight may finish");
         let stop = handle.stop(true);
         actix_web::rt::spawn(async move {

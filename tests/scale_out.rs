@@ -43,18 +43,21 @@ fn start_redis(port: u16) -> Process {
         .spawn()
         .unwrap();
     let redis = Process(child);
+    wait_for("redis-server", || {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let mut pong = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut pong).is_ok() && &pong == b"+PONG\r\n"
+    });
+    redis
+}
+
+/// Waits up to 10 seconds for `started` to hold.
+fn wait_for(what: &str, started: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let mut pong = [0u8; 7];
-            if s.write_all(b"PING\r\n").is_ok()
-                && s.read_exact(&mut pong).is_ok()
-                && &pong == b"+PONG\r\n"
-            {
-                return redis;
-            }
-        }
-        assert!(Instant::now() < deadline, "redis-server did not start");
+    while !started() {
+        assert!(Instant::now() < deadline, "{what} did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -130,11 +133,7 @@ fn start_nginx(dir: &Path, replicas: [&str; 2]) -> (Process, String) {
         .spawn()
         .unwrap();
     let nginx = Process(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("nginx", || TcpStream::connect(("127.0.0.1", port)).is_ok());
     (nginx, format!("http://127.0.0.1:{port}"))
 }
 
@@ -147,8 +146,17 @@ fn client_at(from: [u8; 4]) -> reqwest::Client {
         .unwrap()
 }
 
-/// One short chat request; its status.
+/// One short chat request (one generated token); its status.
 async fn ask(client: &reqwest::Client, base: &str, headers: &[(&str, String)]) -> u16 {
+    send(client, base, headers).await.status().as_u16()
+}
+
+/// [`ask`], whole answer.
+async fn send(
+    client: &reqwest::Client,
+    base: &str,
+    headers: &[(&str, String)],
+) -> reqwest::Response {
     let mut request = client
         .post(format!("{base}/v1/chat/completions"))
         .json(&serde_json::json!({
@@ -159,7 +167,7 @@ async fn ask(client: &reqwest::Client, base: &str, headers: &[(&str, String)]) -
     for (name, value) in headers {
         request = request.header(*name, value);
     }
-    request.send().await.unwrap().status().as_u16()
+    request.send().await.unwrap()
 }
 
 /// Statuses of `n` requests, each in a conversation of its own (so nginx spreads them).
@@ -360,16 +368,7 @@ async fn token_limits_are_shared_and_a_refusal_reports_both_kinds() {
     let mut last = None;
     let mut statuses = Vec::new();
     for replica in [&replica_a, &replica_b, &replica_a, &replica_b] {
-        let response = client
-            .post(format!("{replica}/v1/chat/completions"))
-            .json(&serde_json::json!({
-                "model": "SmolLM2-135M-Instruct.Q4_1",
-                "max_tokens": 1,
-                "messages": [{"role": "user", "content": "Hi"}],
-            }))
-            .send()
-            .await
-            .unwrap();
+        let response = send(&client, replica, &[]).await;
         statuses.push(response.status().as_u16());
         last = Some(response);
     }

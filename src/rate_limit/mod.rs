@@ -32,8 +32,14 @@ impl ClientId {
     pub fn of(bearer: Option<&str>, address: Option<std::net::IpAddr>) -> Self {
         let mut hasher = Sha256::new();
         match (bearer, address) {
-            (Some(token), _) => hasher.update(format!("key:{token}")),
-            (None, Some(address)) => hasher.update(format!("addr:{address}")),
+            (Some(token), _) => {
+                hasher.update("key:");
+                hasher.update(token);
+            }
+            (None, Some(address)) => {
+                hasher.update("addr:");
+                hasher.update(address.to_string());
+            }
             (None, None) => hasher.update("unknown"),
         }
         let digest = hasher.finalize();

@@ -77,13 +77,13 @@ impl SharedLimits {
 
     /// The shared connection, made (without connecting yet) on first use.
     async fn connection(&self) -> Result<ConnectionManager, String> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            // Reconnecting happens in the background; a request never waits on retries.
-            .set_number_of_retries(0);
         self.connection
             .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    // Reconnecting happens in the background; a request never waits on retries.
+                    .set_number_of_retries(0);
                 ConnectionManager::new_lazy_with_config(self.client.clone(), config)
             })
             .await

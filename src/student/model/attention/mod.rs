@@ -143,8 +143,9 @@ enum Kernel {
     Avx512,
     /// [`tiled_avx2`]: AVX2 with FMA and F16C, heads of 64 or 128 values.
     Avx2,
-    /// [`portable_item`]: any CPU and head size (compiled for AVX2 on the AVX2 tiers, which
-    /// vectorizes its loops twice as wide as a plain x86-64 build can).
+    /// [`portable_item`] compiled for AVX2: the AVX2 tiers' other head sizes.
+    PortableAvx2,
+    /// [`portable_item`]: any CPU and head size.
     Portable,
 }
 
@@ -155,6 +156,7 @@ impl Kernel {
         match (tier(), head_dim) {
             (Tier::Avx512, 64 | 128) => Kernel::Avx512,
             (Tier::AvxVnni | Tier::Avx2, 64 | 128) => Kernel::Avx2,
+            (Tier::AvxVnni | Tier::Avx2, _) => Kernel::PortableAvx2,
             _ => Kernel::Portable,
         }
     }
@@ -163,23 +165,16 @@ impl Kernel {
 /// Runs one item through `kernel`; the results land in `s.out`.
 fn attend_item(kernel: Kernel, src: &Source, item: &Item, s: &mut Scratch) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use crate::student::kernels::Tier;
-        // SAFETY: `Kernel::for_heads` picked the kernel for this tier's CPU features and
-        // this head size (tests pick only kernels the CPU has).
-        unsafe {
-            match (kernel, src.head_dim) {
-                (Kernel::Avx512, 64) => return tiled_x86::attend_item::<4>(src, item, s),
-                (Kernel::Avx512, _) => return tiled_x86::attend_item::<8>(src, item, s),
-                (Kernel::Avx2, 64) => return tiled_avx2::attend_item::<8>(src, item, s),
-                (Kernel::Avx2, _) => return tiled_avx2::attend_item::<16>(src, item, s),
-                (Kernel::Portable, _)
-                    if matches!(crate::student::kernels::tier(), Tier::Avx2 | Tier::AvxVnni) =>
-                {
-                    return portable_item_avx2(src, item, s);
-                }
-                (Kernel::Portable, _) => {}
-            }
+    // SAFETY: `Kernel::for_heads` picked the kernel for this tier's CPU features and this
+    // head size (tests pick only kernels the CPU has).
+    unsafe {
+        match (kernel, src.head_dim) {
+            (Kernel::Avx512, 64) => return tiled_x86::attend_item::<4>(src, item, s),
+            (Kernel::Avx512, _) => return tiled_x86::attend_item::<8>(src, item, s),
+            (Kernel::Avx2, 64) => return tiled_avx2::attend_item::<8>(src, item, s),
+            (Kernel::Avx2, _) => return tiled_avx2::attend_item::<16>(src, item, s),
+            (Kernel::PortableAvx2, _) => return portable_item_avx2(src, item, s),
+            (Kernel::Portable, _) => {}
         }
     }
     let _ = kernel;

@@ -70,10 +70,13 @@ fn direct(h: Heads, queries: &[f32], keys: &[f16], values: &[f16], pos: usize) -
 }
 
 /// The kernels `attend` may run for heads of `head_dim` values on this CPU: the portable one
-/// always, the AVX2 and AVX-512 ones where the CPU has them.
+/// always (also compiled for AVX2), the AVX2 and AVX-512 ones where the CPU has them.
 fn kernels(head_dim: usize) -> Vec<Kernel> {
     use crate::student::kernels::Tier;
     let mut kernels = vec![Kernel::Portable];
+    if Tier::Avx2.available() {
+        kernels.push(Kernel::PortableAvx2);
+    }
     if matches!(head_dim, 64 | 128) {
         if Tier::Avx2.available() {
             kernels.push(Kernel::Avx2);
