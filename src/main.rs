@@ -34,7 +34,8 @@ struct Cli {
     /// Who answers: student, teacher or hybrid (mode).
     #[arg(long, global = true, value_name = "MODE")]
     mode: Option<String>,
-    /// The student model: a GGUF path or a Hugging Face owner/repo/file.gguf (student.model).
+    /// The student model: a GGUF path, a Hugging Face owner/repo/file.gguf, or a transformers
+    /// checkpoint directory or owner/repo id (student.model).
     #[arg(long, global = true, value_name = "PATH_OR_REPO")]
     model: Option<String>,
 }
@@ -44,6 +45,20 @@ enum Command {
     /// Serve the OpenAI API and the chat page (the default).
     #[command(after_help = SETTINGS)]
     Serve,
+    /// Quantize a transformers checkpoint (a directory or a Hugging Face owner/repo id) into a
+    /// GGUF file that duet and llama.cpp load.
+    Quantize {
+        /// The checkpoint: a directory with config.json and *.safetensors, or owner/repo.
+        checkpoint: String,
+        /// The GGUF file to write.
+        output: PathBuf,
+        /// q4_k_m (4-bit, Q6_K where llama.cpp's Q4_K_M keeps more bits) or q8_0.
+        #[arg(long = "type", default_value = "q4_k_m", value_name = "TYPE")]
+        quantization: String,
+        /// A PEFT LoRA adapter directory merged into the weights before quantizing.
+        #[arg(long, value_name = "DIR")]
+        lora: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,7 +70,15 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let (Some(Command::Serve) | None) = cli.command;
+    if let Some(Command::Quantize {
+        checkpoint,
+        output,
+        quantization,
+        lora,
+    }) = cli.command
+    {
+        return quantize(&checkpoint, &output, &quantization, lora.as_deref());
+    }
     let mut overrides = Vec::new();
     overrides.extend(cli.host.map(|h| ("server.host", h)));
     overrides.extend(cli.port.map(|p| ("server.port", p.to_string())));
@@ -77,6 +100,17 @@ fn main() -> std::process::ExitCode {
         eprintln!("duet: configuration: {e}");
         return std::process::ExitCode::from(2);
     }
+    // A transformers checkpoint is quantized now, before serving, rather than inside the
+    // first request: that can take minutes, once; every later load reads the cached GGUF.
+    if config.mode != duet::config::Mode::Teacher
+        && duet::student::checkpoint::is_checkpoint(&config.student.model)
+    {
+        if let Err(e) = duet::student::checkpoint::prepare(&config.student) {
+            eprintln!("duet: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+        duet::memory::release_free_memory();
+    }
     if config.student.threads > 0 {
         // SAFETY: no other thread exists yet (the runtime starts below), so nothing can
         // read the environment while it changes. candle's thread pool, which runs the
@@ -84,6 +118,36 @@ fn main() -> std::process::ExitCode {
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", config.student.threads.to_string()) };
     }
     actix_web::rt::System::new().block_on(serve(config))
+}
+
+/// `duet quantize`: converts a checkpoint and says what it cost.
+fn quantize(
+    checkpoint: &str,
+    output: &std::path::Path,
+    quantization: &str,
+    lora: Option<&std::path::Path>,
+) -> std::process::ExitCode {
+    let quantization = match quantization {
+        "q4_k_m" => duet::config::Quantization::Q4KM,
+        "q8_0" => duet::config::Quantization::Q8_0,
+        other => {
+            eprintln!("duet quantize: --type {other}: use q4_k_m or q8_0");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = duet::student::checkpoint::source::resolve(checkpoint).and_then(|dir| {
+        duet::student::checkpoint::convert::convert(&dir, lora, quantization, output)
+    });
+    match result {
+        Ok(report) => {
+            println!("{}: {report}", output.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("duet quantize: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Starts the server and runs it until SIGTERM or Ctrl-C.

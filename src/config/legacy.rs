@@ -28,14 +28,10 @@ pub(super) fn legacy_variable(
             }
             None
         }
-        "STUDENT_LOAD_IN_4BIT" if on(value) => None, // GGUF weights stay quantized in memory
-        "STUDENT_LOAD_IN_4BIT" => {
-            return Err(ConfigError(
-                "STUDENT_LOAD_IN_4BIT=0 cannot be honoured: duet keeps weights in the GGUF file's own \
-                 format; for higher precision point student.model at a Q8_0 or F16 GGUF and unset it"
-                    .into(),
-            ));
-        }
+        // bitsandbytes' 4-bit NF4 becomes Q4_K_M, the app's fp16 profile Q8_0: both for
+        // transformers checkpoints; a GGUF keeps its own types.
+        "STUDENT_LOAD_IN_4BIT" if on(value) => Some(("student.quantization", "q4_k_m".into())),
+        "STUDENT_LOAD_IN_4BIT" => Some(("student.quantization", "q8_0".into())),
         // The Python app's hybrid switch: on means both backends, off means teacher only.
         "ENABLE_HYBRID" if on(value) => Some(("mode", "hybrid".into())),
         "ENABLE_HYBRID" => Some(("mode", "teacher".into())),
@@ -45,14 +41,7 @@ pub(super) fn legacy_variable(
                 "FORCE_STUDENT_STUB=1 is refused: duet has no stub mode, every answer comes from the real model".into(),
             ));
         }
-        "STUDENT_LORA_DIR" if value.trim().is_empty() => None,
-        "STUDENT_LORA_DIR" => {
-            return Err(ConfigError(
-                "STUDENT_LORA_DIR is refused: duet does not apply LoRA adapters at run time; merge the adapter \
-                 into the model and convert it to GGUF"
-                    .into(),
-            ));
-        }
+        "STUDENT_LORA_DIR" => Some(("student.lora_dir", value.trim().to_string())),
         _ => None,
     })
 }
@@ -60,7 +49,7 @@ pub(super) fn legacy_variable(
 #[cfg(test)]
 mod tests {
     use crate::config::testing::{env, existing_model};
-    use crate::config::{Mode, Policy, TeacherRoute, load};
+    use crate::config::{Mode, Policy, Quantization, TeacherRoute, load};
 
     #[test]
     fn python_app_variables_are_honoured_or_refused_with_a_reason() {
@@ -77,8 +66,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.student.model, model);
+        assert_eq!(c.student.quantization, Quantization::Q4KM);
+        let c = load(
+            None,
+            env(&[
+                ("STUDENT_LOAD_IN_4BIT", "0"),
+                ("STUDENT_BASE_MODEL", &model),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.student.quantization, Quantization::Q8_0);
         for (var, value) in [
-            ("STUDENT_LOAD_IN_4BIT", "0"),
             ("FORCE_STUDENT_STUB", "1"),
             ("STUDENT_LORA_DIR", "/adapters"),
         ] {

@@ -150,6 +150,19 @@ pub enum Kernels {
     Portable,
 }
 
+/// `student.quantization`: what a transformers checkpoint's matrices become while loading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Quantization {
+    /// 4-bit Q4_K, with Q6_K where llama.cpp's Q4_K_M keeps more bits (the output head,
+    /// some value and down projections): the Python app's `STUDENT_LOAD_IN_4BIT=1`.
+    #[default]
+    #[serde(rename = "q4_k_m")]
+    Q4KM,
+    /// 8-bit Q8_0, close to the float weights: the Python app's `STUDENT_LOAD_IN_4BIT=0`.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
 /// `teacher.policy`: who answers requests for the student's model name in hybrid mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -233,7 +246,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StudentConfig {
-    /// A GGUF file path, or a Hugging Face `owner/repo/file.gguf` fetched on first use.
+    /// A GGUF file path, a Hugging Face `owner/repo/file.gguf` fetched on first use, or a
+    /// transformers checkpoint (a directory or an `owner/repo` id) quantized while loading.
     pub model: String,
     /// The model id clients send and `/v1/models` lists ("" = the file name without `.gguf`).
     pub name: String,
@@ -251,6 +265,12 @@ pub struct StudentConfig {
     /// Which of duet's kernels run: the best this CPU has (`auto`), or one forced, for tests
     /// and benchmarks. Read once per process.
     pub kernels: Kernels,
+    /// The type a transformers checkpoint's weights are quantized to while loading (a GGUF
+    /// keeps its own).
+    pub quantization: Quantization,
+    /// A PEFT LoRA adapter merged into a transformers checkpoint's weights while loading
+    /// ("" = none).
+    pub lora_dir: String,
     /// Sampling for the fields a request leaves out.
     pub sampling: SamplingConfig,
 }
@@ -287,6 +307,8 @@ impl Default for StudentConfig {
             parallel: 4,
             threads: 0,
             kernels: Kernels::Auto,
+            quantization: Quantization::Q4KM,
+            lora_dir: String::new(),
             sampling: SamplingConfig::default(),
         }
     }

@@ -124,17 +124,40 @@ impl Config {
             );
         }
         let model = &self.student.model;
+        let checkpoint = crate::student::checkpoint::is_checkpoint(model);
         // Teacher mode never loads weights, so it needs no model file.
         if self.mode != Mode::Teacher
             && !Path::new(model).exists()
             && crate::student::load::fetch::hub_reference(model).is_none()
+            && !checkpoint
         {
             return bad(
                 "student.model",
                 format!(
-                    "`{model}` is neither a file nor a Hugging Face owner/repo/file.gguf (scripts/fetch-models.sh fetches the default models)"
+                    "`{model}` is neither a file, a transformers checkpoint directory, a Hugging Face \
+                     owner/repo/file.gguf nor an owner/repo id (scripts/fetch-models.sh fetches the default models)"
                 ),
             );
+        }
+        let lora = self.student.lora_dir.as_str();
+        if self.mode != Mode::Teacher && !lora.is_empty() {
+            if !checkpoint {
+                return bad(
+                    "student.lora_dir (STUDENT_LORA_DIR)",
+                    format!(
+                        "a LoRA adapter is merged into a transformers checkpoint while it is quantized; \
+                         `{model}` is a GGUF, whose weights are already quantized: point student.model at \
+                         the adapter's base checkpoint"
+                    ),
+                );
+            }
+            let config = Path::new(lora).join("adapter_config.json");
+            if !config.is_file() {
+                return bad(
+                    "student.lora_dir (STUDENT_LORA_DIR)",
+                    format!("{} does not exist", config.display()),
+                );
+            }
         }
         if self.mode != Mode::Student {
             self.validate_teacher()?;

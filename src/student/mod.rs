@@ -5,6 +5,7 @@
 //! - [`engine`]: the engine thread (its loop, the scheduler that plans each forward pass, one
 //!   request's sequence, the sampler);
 //! - [`load`]: reading a model (GGUF header, fetching from the hub, the memory footprint);
+//! - [`checkpoint`]: transformers checkpoints (and LoRA adapters) quantized into a GGUF;
 //! - [`model`]: the forward pass (shape, transformer, attention, ops, quantized weights);
 //! - [`kernels`]: duet's own quantized matrix products, per block format and instruction set;
 //! - [`cache`]: key/value caches, and the prefix cache that keeps them across requests;
@@ -13,6 +14,7 @@
 //! What it reports in `/health` and `/metrics` is [`StudentStatus`].
 
 pub mod cache;
+pub mod checkpoint;
 pub mod engine;
 pub mod grammar;
 pub mod handle;

@@ -1,6 +1,8 @@
 //! Shared test helpers: the real model files and duet servers on 127.0.0.1 port 0.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod checkpoint;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -201,10 +203,18 @@ impl Drop for Process {
 /// The real `duet serve` binary on a free port with SmolLM2, `args` and `env`, as a user
 /// starts it; its guard and the base URL it prints.
 pub fn start_binary(args: &[&str], env: &[(&str, &str)]) -> (Process, String) {
+    let model = model_path(SMOLLM2).display().to_string();
+    let mut all = vec!["--model", &model];
+    all.extend_from_slice(args);
+    start_duet(&all, env)
+}
+
+/// The real `duet serve` binary on a free port with `args` and `env` (the model too); its
+/// guard and the base URL it prints once it listens.
+pub fn start_duet(args: &[&str], env: &[(&str, &str)]) -> (Process, String) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_duet"))
-        .args(["serve", "--port", "0", "--model"])
-        .arg(model_path(SMOLLM2))
+        .args(["serve", "--port", "0"])
         .args(args)
         .envs(env.iter().copied())
         .env("RUST_LOG", "info")

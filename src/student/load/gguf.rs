@@ -63,6 +63,7 @@ impl GgufHeader {
             "tokenizer.ggml.merges",
             "tokenizer.ggml.token_type",
             "tokenizer.ggml.scores",
+            "tokenizer.huggingface.json",
         ] {
             self.content.metadata.remove(key);
         }

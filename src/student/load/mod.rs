@@ -1,5 +1,6 @@
 //! Loading the student: everything it needs — transformer, tokenizer, chat template,
-//! end-of-turn tokens — read from one GGUF after checking that it fits the memory budget.
+//! end-of-turn tokens — read from one GGUF after checking that it fits the memory budget
+//! (a transformers checkpoint is first quantized into one by `student::checkpoint`).
 //!
 //! - [`fetch`]: where the file is (a path, or a Hugging Face reference fetched once);
 //! - [`gguf`]: the file's header and metadata;
@@ -52,7 +53,13 @@ impl LoadedModel {
     /// Reads the model named by `config.model` (fetching it first if it is a hub
     /// reference), refusing it before any weight is read if it cannot fit `budget`.
     pub fn load(config: &StudentConfig, budget: u64) -> Result<Self, DuetError> {
-        let path = fetch::resolve(&config.model)?;
+        let path = if crate::student::checkpoint::is_checkpoint(&config.model) {
+            let gguf = crate::student::checkpoint::prepare(config)?;
+            crate::memory::release_free_memory();
+            gguf
+        } else {
+            fetch::resolve(&config.model)?
+        };
         let mut header = GgufHeader::read(&path)?;
         let shape = tensors::read_shape(&header)?;
         let context = config.context_length.min(shape.trained_context);

@@ -1,6 +1,7 @@
-//! The tokenizer for a GGUF model: a `tokenizer.json` beside the file when present, else a
-//! byte-level BPE built from the GGUF's own `tokenizer.ggml.*` metadata with the pre-tokenizer
-//! llama.cpp uses for its `tokenizer.ggml.pre`.
+//! The tokenizer for a GGUF model: a `tokenizer.json` beside the file when present, else the
+//! one the GGUF carries whole (`tokenizer.huggingface.json`, written by duet's checkpoint
+//! conversion), else a byte-level BPE built from the GGUF's own `tokenizer.ggml.*` metadata
+//! with the pre-tokenizer llama.cpp uses for its `tokenizer.ggml.pre`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,11 +19,12 @@ use crate::error::DuetError;
 use crate::student::text::tokenizer::{StudentTokenizer, uses_byte_level};
 
 /// GPT-2's pre-tokenizer split, used by SmolLM2 after single digits are split off.
-const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+pub const GPT2_SPLIT: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// Qwen2's pre-tokenizer split.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// llama-3's split (the default for llama-architecture GPT-2 style vocabularies).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF token types that mark a token as special (control or user-defined).
 const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -36,13 +38,20 @@ pub fn load_tokenizer(
 ) -> Result<StudentTokenizer, DuetError> {
     let md = header.metadata();
     let beside = model_path.with_file_name("tokenizer.json");
-    let inner = if beside.is_file() {
-        Tokenizer::from_file(&beside)
-            .map_err(|e| DuetError::ModelLoad(format!("cannot read {}: {e}", beside.display())))?
+    let carried = gguf::string(md, "tokenizer.huggingface.json").ok();
+    let (inner, from_json) = if beside.is_file() {
+        let t = Tokenizer::from_file(&beside)
+            .map_err(|e| DuetError::ModelLoad(format!("cannot read {}: {e}", beside.display())))?;
+        (t, true)
+    } else if let Some(json) = carried {
+        let t = json.parse::<Tokenizer>().map_err(|e| {
+            DuetError::ModelLoad(format!("the GGUF's tokenizer.huggingface.json: {e}"))
+        })?;
+        (t, true)
     } else {
-        from_gguf(md)?
+        (from_gguf_metadata(md)?, false)
     };
-    let byte_level = !beside.is_file() || uses_byte_level(&inner);
+    let byte_level = !from_json || uses_byte_level(&inner);
     Ok(StudentTokenizer::new(
         inner,
         byte_level,
@@ -52,7 +61,7 @@ pub fn load_tokenizer(
 }
 
 /// A byte-level BPE tokenizer from `tokenizer.ggml.{model,pre,tokens,merges,token_type}`.
-fn from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, DuetError> {
+pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Tokenizer, DuetError> {
     let model = gguf::string(md, "tokenizer.ggml.model")?;
     if model != "gpt2" {
         return Err(DuetError::ModelLoad(format!(
