@@ -83,20 +83,14 @@ pub fn convert(
         human(bytes)
     );
 
-    let partial = out.with_extension("gguf.partial");
-    let io =
-        |e: std::io::Error| DuetError::ModelLoad(format!("writing {}: {e}", partial.display()));
-    let mut file = BufWriter::with_capacity(1 << 20, File::create(&partial).map_err(io)?);
-    let entries: Vec<TensorEntry> = plan.iter().map(|p| p.entry.clone()).collect();
-    gguf_writer::write_header(&mut file, &metadata, &entries).map_err(io)?;
-    drop(metadata);
-    gguf_writer::pad(&mut file).map_err(io)?;
-    for tensor in &plan {
-        write_tensor(&shards, adapter.as_ref(), tensor, &mut file)?;
-        gguf_writer::pad(&mut file).map_err(io)?;
+    // Named for this process: another one (a replica sharing the cache) may be writing the
+    // same file; each renames a complete file into place, and they are identical.
+    let partial = out.with_extension(format!("gguf.{}.partial", std::process::id()));
+    let written = write_gguf(&partial, metadata, &plan, &shards, adapter.as_ref());
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
     }
-    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
+    written?;
     std::fs::rename(&partial, out).map_err(|e| {
         DuetError::ModelLoad(format!(
             "cannot move {} to {}: {e}",
@@ -110,6 +104,29 @@ pub fn convert(
         seconds: started.elapsed().as_secs_f64(),
         peak_rss: crate::memory::peak_rss_bytes(),
     })
+}
+
+/// Writes the whole GGUF to `path`, synced to disk.
+fn write_gguf(
+    path: &Path,
+    metadata: Vec<(String, gguf_writer::MetaValue)>,
+    plan: &[Planned],
+    shards: &Shards,
+    adapter: Option<&Adapter>,
+) -> Result<(), DuetError> {
+    let io = |e: std::io::Error| DuetError::ModelLoad(format!("writing {}: {e}", path.display()));
+    let mut file = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
+    let entries: Vec<TensorEntry> = plan.iter().map(|p| p.entry.clone()).collect();
+    gguf_writer::write_header(&mut file, &metadata, &entries).map_err(io)?;
+    // The vocabulary in it is megabytes: gone before the weights are read.
+    drop(metadata);
+    gguf_writer::pad(&mut file).map_err(io)?;
+    for tensor in plan {
+        write_tensor(shards, adapter, tensor, &mut file)?;
+        gguf_writer::pad(&mut file).map_err(io)?;
+    }
+    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)
 }
 
 /// The model's name for GGUF metadata: the directory's, or the hub repo's for a snapshot.
