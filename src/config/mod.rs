@@ -325,12 +325,9 @@ impl Config {
         if !self.student.name.is_empty() {
             return self.student.name.clone();
         }
-        let file = self
-            .student
-            .model
-            .rsplit('/')
-            .next()
-            .unwrap_or(&self.student.model);
+        // A checkpoint directory may be written with a trailing slash.
+        let model = self.student.model.trim_end_matches('/');
+        let file = model.rsplit('/').next().unwrap_or(model);
         file.strip_suffix(".gguf").unwrap_or(file).to_string()
     }
 
@@ -378,6 +375,14 @@ mod tests {
     fn the_model_name_defaults_to_the_file_name() {
         let mut c = Config::default();
         assert_eq!(c.student_name(), "qwen2.5-coder-0.5b-instruct-q4_k_m");
+        c.student.model = "/models/Qwen1.5-1.8B-Chat/".into();
+        assert_eq!(
+            c.student_name(),
+            "Qwen1.5-1.8B-Chat",
+            "a checkpoint directory"
+        );
+        c.student.model = "Qwen/Qwen1.5-1.8B-Chat".into();
+        assert_eq!(c.student_name(), "Qwen1.5-1.8B-Chat", "a hub repo id");
         c.student.name = "smol".into();
         assert_eq!(c.student_name(), "smol");
     }
