@@ -209,98 +209,44 @@ fn plan(
         embedding_role,
         None,
     )?;
+    let (q, kv, ffn) = (
+        heads * head_dim,
+        kv_heads * head_dim,
+        config.intermediate_size,
+    );
+    // llama.cpp reorders llama's query and key rows by head.
+    let (q_heads, k_heads) = (llama.then_some(heads), llama.then_some(kv_heads));
     for i in 0..n {
-        let hf = |s: &str| format!("model.layers.{i}.{s}");
-        let gg = |s: &str| format!("blk.{i}.{s}");
-        add(
-            hf("input_layernorm.weight"),
-            gg("attn_norm.weight"),
-            vec![hidden],
-            Role::Vector,
-            None,
-        )?;
-        let q = heads * head_dim;
-        let kv = kv_heads * head_dim;
-        add(
-            hf("self_attn.q_proj.weight"),
-            gg("attn_q.weight"),
-            vec![q, hidden],
-            Role::OtherMatrix,
-            llama.then_some(heads),
-        )?;
-        add(
-            hf("self_attn.k_proj.weight"),
-            gg("attn_k.weight"),
-            vec![kv, hidden],
-            Role::OtherMatrix,
-            llama.then_some(kv_heads),
-        )?;
-        add(
-            hf("self_attn.v_proj.weight"),
-            gg("attn_v.weight"),
-            vec![kv, hidden],
-            Role::Value { i, n },
-            None,
-        )?;
+        // One row per tensor: transformers' name, GGUF's, shape, role, heads to reorder.
+        #[rustfmt::skip]
+        let mut block = vec![
+            ("input_layernorm.weight", "attn_norm.weight", vec![hidden], Role::Vector, None),
+            ("self_attn.q_proj.weight", "attn_q.weight", vec![q, hidden], Role::OtherMatrix, q_heads),
+            ("self_attn.k_proj.weight", "attn_k.weight", vec![kv, hidden], Role::OtherMatrix, k_heads),
+            ("self_attn.v_proj.weight", "attn_v.weight", vec![kv, hidden], Role::Value { i, n }, None),
+            ("self_attn.o_proj.weight", "attn_output.weight", vec![hidden, q], Role::OtherMatrix, None),
+            ("post_attention_layernorm.weight", "ffn_norm.weight", vec![hidden], Role::Vector, None),
+            ("mlp.gate_proj.weight", "ffn_gate.weight", vec![ffn, hidden], Role::OtherMatrix, None),
+            ("mlp.up_proj.weight", "ffn_up.weight", vec![ffn, hidden], Role::OtherMatrix, None),
+            ("mlp.down_proj.weight", "ffn_down.weight", vec![hidden, ffn], Role::Down { i, n }, None),
+        ];
         if qwen {
+            #[rustfmt::skip]
+            block.extend([
+                ("self_attn.q_proj.bias", "attn_q.bias", vec![q], Role::Vector, None),
+                ("self_attn.k_proj.bias", "attn_k.bias", vec![kv], Role::Vector, None),
+                ("self_attn.v_proj.bias", "attn_v.bias", vec![kv], Role::Vector, None),
+            ]);
+        }
+        for (hf, gguf, shape, role, permute) in block {
             add(
-                hf("self_attn.q_proj.bias"),
-                gg("attn_q.bias"),
-                vec![q],
-                Role::Vector,
-                None,
-            )?;
-            add(
-                hf("self_attn.k_proj.bias"),
-                gg("attn_k.bias"),
-                vec![kv],
-                Role::Vector,
-                None,
-            )?;
-            add(
-                hf("self_attn.v_proj.bias"),
-                gg("attn_v.bias"),
-                vec![kv],
-                Role::Vector,
-                None,
+                format!("model.layers.{i}.{hf}"),
+                format!("blk.{i}.{gguf}"),
+                shape,
+                role,
+                permute,
             )?;
         }
-        add(
-            hf("self_attn.o_proj.weight"),
-            gg("attn_output.weight"),
-            vec![hidden, q],
-            Role::OtherMatrix,
-            None,
-        )?;
-        add(
-            hf("post_attention_layernorm.weight"),
-            gg("ffn_norm.weight"),
-            vec![hidden],
-            Role::Vector,
-            None,
-        )?;
-        let ffn = config.intermediate_size;
-        add(
-            hf("mlp.gate_proj.weight"),
-            gg("ffn_gate.weight"),
-            vec![ffn, hidden],
-            Role::OtherMatrix,
-            None,
-        )?;
-        add(
-            hf("mlp.up_proj.weight"),
-            gg("ffn_up.weight"),
-            vec![ffn, hidden],
-            Role::OtherMatrix,
-            None,
-        )?;
-        add(
-            hf("mlp.down_proj.weight"),
-            gg("ffn_down.weight"),
-            vec![hidden, ffn],
-            Role::Down { i, n },
-            None,
-        )?;
     }
     add(
         "model.norm.weight".into(),
