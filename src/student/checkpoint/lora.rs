@@ -278,6 +278,58 @@ mod tests {
         assert!(check_targets(Some(&json(r#"".*proj""#))).is_err());
     }
 
+    /// Writes f32 `tensors` as a safetensors file.
+    fn write(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                        .unwrap();
+                (name.to_string(), view)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    #[test]
+    fn peft_scales_plain_and_rank_stabilized_adapters() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_path = dir.path().join("model.safetensors");
+        let weight = "model.layers.0.self_attn.q_proj.weight";
+        write(&base_path, &[(weight, vec![1, 2], vec![0.0, 0.0])]);
+        let base = Shards::open(&[base_path]).unwrap();
+        let module = "base_model.model.model.layers.0.self_attn.q_proj";
+        // r = 4: A is 4 x 2, B is 1 x 4; B @ A = [4, 0].
+        write(
+            &dir.path().join("adapter_model.safetensors"),
+            &[
+                (
+                    &format!("{module}.lora_A.weight"),
+                    vec![4, 2],
+                    vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0],
+                ),
+                (&format!("{module}.lora_B.weight"), vec![1, 4], vec![1.0; 4]),
+            ],
+        );
+        let delta = |rslora: bool| {
+            let config = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                "target_modules": ["q_proj"], "use_rslora": rslora});
+            std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+            let adapter = Adapter::open(dir.path(), &base).unwrap();
+            let mut row = vec![0.0; 2];
+            adapter.add_to_rows(weight, 0, 2, &mut row);
+            row
+        };
+        assert_eq!(delta(false), vec![8.0, 0.0], "lora_alpha / r = 2");
+        assert_eq!(delta(true), vec![16.0, 0.0], "lora_alpha / sqrt(r) = 4");
+    }
+
     #[test]
     fn the_delta_is_scale_times_b_times_a() {
         let adapter = Adapter {
