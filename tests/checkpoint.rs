@@ -45,7 +45,12 @@ fn smollm2_checkpoint() -> &'static Fixture {
         let checkpoint = root.path().join("SmolLM2-135M-Instruct");
         let weights: HashMap<String, Weight> = make_checkpoint(&model_path(SMOLLM2), &checkpoint);
         let lora = root.path().join("adapter");
-        let deltas = make_lora(&lora, &weights, &["v_proj", "o_proj", "down_proj"], 16.0);
+        let deltas = make_lora(
+            &lora,
+            &weights,
+            &["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+            16.0,
+        );
         let merged = root.path().join("merged");
         write_merged(&merged, &checkpoint, &weights, &deltas);
         Fixture {

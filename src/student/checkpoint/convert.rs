@@ -121,9 +121,17 @@ fn write_gguf(
     // The vocabulary in it is megabytes: gone before the weights are read.
     drop(metadata);
     gguf_writer::pad(&mut file).map_err(io)?;
+    // A log line each tenth of the way: a 7B checkpoint takes minutes.
+    let total: u64 = plan.iter().map(|p| p.entry.bytes()).sum();
+    let (mut done, mut next_tenth) = (0, 1);
     for tensor in plan {
         write_tensor(shards, adapter, tensor, &mut file)?;
         gguf_writer::pad(&mut file).map_err(io)?;
+        done += tensor.entry.bytes();
+        if done * 10 >= total * next_tenth && next_tenth < 10 {
+            tracing::info!("quantized {}%", done * 100 / total.max(1));
+            next_tenth = done * 10 / total.max(1) + 1;
+        }
     }
     let file = file.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)
