@@ -105,7 +105,11 @@ fn main() -> std::process::ExitCode {
     if config.mode != duet::config::Mode::Teacher
         && duet::student::checkpoint::is_checkpoint(&config.student.model)
     {
-        if let Err(e) = duet::student::checkpoint::prepare(&config.student) {
+        let budget = config
+            .memory
+            .max_bytes
+            .resolve(duet::memory::available_bytes());
+        if let Err(e) = duet::student::checkpoint::prepare(&config.student, budget) {
             eprintln!("duet: {e}");
             return std::process::ExitCode::FAILURE;
         }
@@ -136,7 +140,7 @@ fn quantize(
         }
     };
     let result = duet::student::checkpoint::source::resolve(checkpoint).and_then(|dir| {
-        duet::student::checkpoint::convert::convert(&dir, lora, quantization, output)
+        duet::student::checkpoint::convert::convert(&dir, lora, quantization, output, &|_| Ok(()))
     });
     match result {
         Ok(report) => {

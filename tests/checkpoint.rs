@@ -343,6 +343,31 @@ fn a_bad_adapter_stops_start_up_with_the_file_named() {
     );
 }
 
+#[test]
+fn a_checkpoint_over_the_memory_budget_is_refused_before_quantizing() {
+    let f = smollm2_checkpoint();
+    let cache = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args(["serve", "--port", "0"])
+        .env("STUDENT_BASE_MODEL", &f.checkpoint)
+        .env("DUET_MEMORY_MAX_BYTES", "64MiB")
+        .env("XDG_CACHE_HOME", cache.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("memory budget") && err.contains("64.0 MiB"),
+        "{err}"
+    );
+    let log = String::from_utf8_lossy(&output.stdout);
+    let progress = log
+        .lines()
+        .any(|l| l.contains("quantized") && l.trim_end().ends_with('%'));
+    assert!(!progress, "nothing is quantized: {log}");
+    assert!(cached_files(cache.path()).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qwen2_checkpoint_answers_like_its_gguf() {
     // Qwen2: query/key/value biases, an output head of its own, no row reordering.

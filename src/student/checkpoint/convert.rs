@@ -54,13 +54,19 @@ struct Planned {
     permute_heads: Option<usize>,
 }
 
+/// Checks a GGUF whose header alone is written (the memory budget, say) before any weight
+/// is quantized.
+pub type HeaderCheck<'a> = &'a dyn Fn(&Path) -> Result<(), DuetError>;
+
 /// Converts the checkpoint in `dir` (with the adapter in `lora` merged) to a GGUF at `out`,
-/// written beside it first and renamed into place when complete.
+/// written beside it first and renamed into place when complete; `check` may refuse it once
+/// its header is written.
 pub fn convert(
     dir: &Path,
     lora: Option<&Path>,
     quantization: Quantization,
     out: &Path,
+    check: HeaderCheck,
 ) -> Result<Report, DuetError> {
     let started = Instant::now();
     let config = ModelConfig::read(dir)?;
@@ -86,7 +92,7 @@ pub fn convert(
     // Named for this process: another one (a replica sharing the cache) may be writing the
     // same file; each renames a complete file into place, and they are identical.
     let partial = out.with_extension(format!("gguf.{}.partial", std::process::id()));
-    let written = write_gguf(&partial, metadata, &plan, &shards, adapter.as_ref());
+    let written = write_gguf(&partial, metadata, &plan, &shards, adapter.as_ref(), check);
     if written.is_err() {
         let _ = std::fs::remove_file(&partial);
     }
@@ -113,6 +119,7 @@ fn write_gguf(
     plan: &[Planned],
     shards: &Shards,
     adapter: Option<&Adapter>,
+    check: HeaderCheck,
 ) -> Result<(), DuetError> {
     let io = |e: std::io::Error| DuetError::ModelLoad(format!("writing {}: {e}", path.display()));
     let mut file = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
@@ -121,6 +128,8 @@ fn write_gguf(
     // The vocabulary in it is megabytes: gone before the weights are read.
     drop(metadata);
     gguf_writer::pad(&mut file).map_err(io)?;
+    file.flush().map_err(io)?;
+    check(path)?;
     // A log line each tenth of the way: a 7B checkpoint takes minutes.
     let total: u64 = plan.iter().map(|p| p.entry.bytes()).sum();
     let (mut done, mut next_tenth) = (0, 1);

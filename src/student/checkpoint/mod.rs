@@ -42,8 +42,10 @@ pub fn is_checkpoint(model: &str) -> bool {
 }
 
 /// The GGUF for the checkpoint `config.model` names (with `config.lora_dir` merged, at
-/// `config.quantization`): the cached conversion when there is one, else converted now.
-pub fn prepare(config: &StudentConfig) -> Result<PathBuf, DuetError> {
+/// `config.quantization`): the cached conversion when there is one, else converted now,
+/// unless the model would not fit `budget`: that is found from the header alone, before
+/// anything is quantized.
+pub fn prepare(config: &StudentConfig, budget: u64) -> Result<PathBuf, DuetError> {
     let dir = source::resolve(&config.model)?;
     let lora = (!config.lora_dir.is_empty()).then(|| PathBuf::from(&config.lora_dir));
     let cached = cache_dir()?.join(cache_name(
@@ -56,7 +58,8 @@ pub fn prepare(config: &StudentConfig) -> Result<PathBuf, DuetError> {
         tracing::info!(path = %cached.display(), "using the checkpoint's cached conversion");
         return Ok(cached);
     }
-    let report = convert::convert(&dir, lora.as_deref(), config.quantization, &cached)?;
+    let fits = |header: &Path| crate::student::load::check_fits(header, config, budget);
+    let report = convert::convert(&dir, lora.as_deref(), config.quantization, &cached, &fits)?;
     tracing::info!(
         path = %cached.display(),
         "{report}; kept for the next start (delete the file to reclaim the disk space)"

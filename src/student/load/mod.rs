@@ -15,6 +15,7 @@ pub mod tensors;
 pub mod vocabulary;
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use footprint::Footprint;
 use gguf::GgufHeader;
@@ -23,7 +24,7 @@ use crate::backend::{Prompt, SamplingDefaults, ToolUse};
 use crate::config::StudentConfig;
 use crate::error::DuetError;
 use crate::student::grammar::Grammars;
-use crate::student::model::{MAX_PREFILL_ROWS, Transformer};
+use crate::student::model::{MAX_PREFILL_ROWS, ModelShape, Transformer};
 use crate::student::text::fim::{DeclaredFim, FimTokens};
 use crate::student::text::template::ChatTemplate;
 use crate::student::text::tokenizer::StudentTokenizer;
@@ -54,18 +55,14 @@ impl LoadedModel {
     /// reference), refusing it before any weight is read if it cannot fit `budget`.
     pub fn load(config: &StudentConfig, budget: u64) -> Result<Self, DuetError> {
         let path = if crate::student::checkpoint::is_checkpoint(&config.model) {
-            let gguf = crate::student::checkpoint::prepare(config)?;
+            let gguf = crate::student::checkpoint::prepare(config, budget)?;
             crate::memory::release_free_memory();
             gguf
         } else {
             fetch::resolve(&config.model)?
         };
         let mut header = GgufHeader::read(&path)?;
-        let shape = tensors::read_shape(&header)?;
-        let context = config.context_length.min(shape.trained_context);
-        let footprint =
-            Footprint::estimate(&header, &shape, context, MAX_PREFILL_ROWS, config.parallel);
-        footprint.check(budget)?;
+        let (shape, context, footprint) = fitting(&header, config, budget)?;
         let tokenizer = vocabulary::load_tokenizer(&path, &header)?;
         let declared = ["pre", "suf", "mid", "pad", "rep", "sep"].map(|name| {
             gguf::opt_u32(
@@ -162,6 +159,25 @@ impl LoadedModel {
             }
         }
     }
+}
+
+/// Checks that the GGUF whose header is at `path` (its weights may not be written yet) fits
+/// `budget` when served with `config`, before any weight is read.
+pub fn check_fits(path: &Path, config: &StudentConfig, budget: u64) -> Result<(), DuetError> {
+    fitting(&GgufHeader::read(path)?, config, budget).map(drop)
+}
+
+/// The model's shape, the context it will serve and its footprint, if that fits `budget`.
+fn fitting(
+    header: &GgufHeader,
+    config: &StudentConfig,
+    budget: u64,
+) -> Result<(ModelShape, usize, Footprint), DuetError> {
+    let shape = tensors::read_shape(header)?;
+    let context = config.context_length.min(shape.trained_context);
+    let footprint = Footprint::estimate(header, &shape, context, MAX_PREFILL_ROWS, config.parallel);
+    footprint.check(budget)?;
+    Ok((shape, context, footprint))
 }
 
 /// The sampling a GGUF recommends (`general.sampling.*`, written by converters from the
