@@ -1,5 +1,6 @@
 //! Where a transformers checkpoint is: a local directory, or a Hugging Face `owner/repo` id
-//! resolved through the user's Hugging Face cache (`HF_HOME`, else `~/.cache/huggingface`),
+//! resolved through the user's Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+//! `~/.cache/huggingface/hub`),
 //! downloading with a progress bar only the files the cache lacks.
 
 use std::path::{Path, PathBuf};
@@ -38,7 +39,11 @@ pub fn resolve(model: &str) -> Result<PathBuf, DuetError> {
             "`{model}` is neither a checkpoint directory nor an owner/repo id"
         ))
     })?;
-    from_hub(repo, hf_hub::Cache::from_env())
+    // transformers' own override of the cache directory, which hf-hub does not read.
+    let cache = std::env::var_os("HF_HUB_CACHE")
+        .filter(|v| !v.is_empty())
+        .map_or_else(hf_hub::Cache::from_env, |dir| hf_hub::Cache::new(dir.into()));
+    from_hub(repo, cache)
 }
 
 /// The snapshot directory of `repo` in the hub cache, with every file loading needs.
