@@ -324,9 +324,9 @@ fn sampling(dir: &Path, put: &mut impl FnMut(&str, MetaValue)) -> Result<(), Due
         return Ok(());
     }
     let float = |key| generation.get(key).and_then(Json::as_f64).map(|v| v as f32);
-    if let Some(t) = float("temperature") {
-        put("general.sampling.temp", MetaValue::F32(t));
-    }
+    // Sampling without a temperature is transformers' default of 1.0 (Qwen1.5's files).
+    let temperature = float("temperature").unwrap_or(1.0);
+    put("general.sampling.temp", MetaValue::F32(temperature));
     if let Some(p) = float("top_p") {
         put("general.sampling.top_p", MetaValue::F32(p));
     }
@@ -337,4 +337,52 @@ fn sampling(dir: &Path, put: &mut impl FnMut(&str, MetaValue)) -> Result<(), Due
         put("general.sampling.min_p", MetaValue::F32(p));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collected(dir: &Path) -> Vec<(String, MetaValue)> {
+        let mut md = Vec::new();
+        sampling(dir, &mut |k: &str, v| md.push((k.to_string(), v))).unwrap();
+        md
+    }
+
+    #[test]
+    fn sampling_defaults_come_from_generation_config_when_it_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let write =
+            |json: &str| std::fs::write(dir.path().join("generation_config.json"), json).unwrap();
+        // Qwen1.5-Chat's: sampling, no temperature.
+        write(
+            r#"{"do_sample": true, "eos_token_id": [151645, 151643], "top_p": 0.8, "top_k": 20}"#,
+        );
+        assert_eq!(
+            collected(dir.path()),
+            vec![
+                ("general.sampling.temp".to_string(), MetaValue::F32(1.0)),
+                ("general.sampling.top_p".to_string(), MetaValue::F32(0.8)),
+                ("general.sampling.top_k".to_string(), MetaValue::U32(20)),
+            ]
+        );
+        write(r#"{"eos_token_id": 2, "temperature": 0.7}"#);
+        assert!(collected(dir.path()).is_empty(), "greedy unless do_sample");
+    }
+
+    #[test]
+    fn the_chat_template_file_wins_and_named_templates_give_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        assert_eq!(
+            chat_template(dir.path(), &config).unwrap().as_deref(),
+            Some("D")
+        );
+        std::fs::write(dir.path().join("chat_template.jinja"), "J").unwrap();
+        assert_eq!(
+            chat_template(dir.path(), &config).unwrap().as_deref(),
+            Some("J")
+        );
+    }
 }

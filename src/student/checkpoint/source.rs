@@ -42,7 +42,9 @@ pub fn resolve(model: &str) -> Result<PathBuf, DuetError> {
     // transformers' own override of the cache directory, which hf-hub does not read.
     let cache = std::env::var_os("HF_HUB_CACHE")
         .filter(|v| !v.is_empty())
-        .map_or_else(hf_hub::Cache::from_env, |dir| hf_hub::Cache::new(dir.into()));
+        .map_or_else(hf_hub::Cache::from_env, |dir| {
+            hf_hub::Cache::new(dir.into())
+        });
     from_hub(repo, cache)
 }
 
