@@ -137,9 +137,10 @@ fn write_gguf(
         write_tensor(shards, adapter, tensor, &mut file)?;
         gguf_writer::pad(&mut file).map_err(io)?;
         done += tensor.entry.bytes();
-        if done * 10 >= total * next_tenth && next_tenth < 10 {
-            tracing::info!("quantized {}%", done * 100 / total.max(1));
-            next_tenth = done * 10 / total.max(1) + 1;
+        let tenths = done * 10 / total.max(1);
+        if tenths >= next_tenth && tenths < 10 {
+            tracing::info!("quantized {}%", tenths * 10);
+            next_tenth = tenths + 1;
         }
     }
     let file = file.into_inner().map_err(|e| io(e.into_error()))?;
