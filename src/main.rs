@@ -52,9 +52,9 @@ enum Command {
         checkpoint: String,
         /// The GGUF file to write.
         output: PathBuf,
-        /// q4_k_m (4-bit, Q6_K where llama.cpp's Q4_K_M keeps more bits) or q8_0.
-        #[arg(long = "type", default_value = "q4_k_m", value_name = "TYPE")]
-        quantization: String,
+        /// What the weight matrices become (student.quantization).
+        #[arg(long = "type", value_enum, default_value_t = duet::config::Quantization::Q4KM)]
+        quantization: duet::config::Quantization,
         /// A PEFT LoRA adapter directory merged into the weights before quantizing.
         #[arg(long, value_name = "DIR")]
         lora: Option<PathBuf>,
@@ -77,7 +77,7 @@ fn main() -> std::process::ExitCode {
         lora,
     }) = cli.command
     {
-        return quantize(&checkpoint, &output, &quantization, lora.as_deref());
+        return quantize(&checkpoint, &output, quantization, lora.as_deref());
     }
     let mut overrides = Vec::new();
     overrides.extend(cli.host.map(|h| ("server.host", h)));
@@ -100,11 +100,19 @@ fn main() -> std::process::ExitCode {
         eprintln!("duet: configuration: {e}");
         return std::process::ExitCode::from(2);
     }
+    if config.student.threads > 0 {
+        // SAFETY: no other thread exists yet (the runtime starts below), so nothing can
+        // read the environment while it changes. candle's thread pool, which runs the
+        // formats duet has no kernel for, reads this once, when its first product runs.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", config.student.threads.to_string()) };
+    }
     // A transformers checkpoint is quantized now, before serving, rather than inside the
     // first request: that can take minutes, once; every later load reads the cached GGUF.
+    // (After the environment is set: quantizing starts the model's worker threads.)
     if config.mode != duet::config::Mode::Teacher
         && duet::student::checkpoint::is_checkpoint(&config.student.model)
     {
+        duet::memory::configure_allocator();
         let budget = config
             .memory
             .max_bytes
@@ -115,12 +123,6 @@ fn main() -> std::process::ExitCode {
         }
         duet::memory::release_free_memory();
     }
-    if config.student.threads > 0 {
-        // SAFETY: no other thread exists yet (the runtime starts below), so nothing can
-        // read the environment while it changes. candle's thread pool, which runs the
-        // formats duet has no kernel for, reads this once, when its first product runs.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", config.student.threads.to_string()) };
-    }
     actix_web::rt::System::new().block_on(serve(config))
 }
 
@@ -128,17 +130,9 @@ fn main() -> std::process::ExitCode {
 fn quantize(
     checkpoint: &str,
     output: &std::path::Path,
-    quantization: &str,
+    quantization: duet::config::Quantization,
     lora: Option<&std::path::Path>,
 ) -> std::process::ExitCode {
-    let quantization = match quantization {
-        "q4_k_m" => duet::config::Quantization::Q4KM,
-        "q8_0" => duet::config::Quantization::Q8_0,
-        other => {
-            eprintln!("duet quantize: --type {other}: use q4_k_m or q8_0");
-            return std::process::ExitCode::from(2);
-        }
-    };
     let result = duet::student::checkpoint::source::resolve(checkpoint).and_then(|dir| {
         duet::student::checkpoint::convert::convert(&dir, lora, quantization, output, &|_| Ok(()))
     });

@@ -151,16 +151,28 @@ pub enum Kernels {
 }
 
 /// `student.quantization`: what a transformers checkpoint's matrices become while loading.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Quantization {
     /// 4-bit Q4_K, with Q6_K where llama.cpp's Q4_K_M keeps more bits (the output head,
     /// some value and down projections): the Python app's `STUDENT_LOAD_IN_4BIT=1`.
     #[default]
     #[serde(rename = "q4_k_m")]
+    #[value(name = "q4_k_m")]
     Q4KM,
     /// 8-bit Q8_0, close to the float weights: the Python app's `STUDENT_LOAD_IN_4BIT=0`.
     #[serde(rename = "q8_0")]
+    #[value(name = "q8_0")]
     Q8_0,
+}
+
+impl Quantization {
+    /// The name settings and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q4KM => "q4_k_m",
+            Self::Q8_0 => "q8_0",
+        }
+    }
 }
 
 /// `teacher.policy`: who answers requests for the student's model name in hybrid mode.

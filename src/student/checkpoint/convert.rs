@@ -21,6 +21,9 @@ use crate::error::DuetError;
 use crate::memory::human;
 use crate::student::model::Architecture;
 
+/// How a GGUF being written is named until it is complete.
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
 /// Values read and quantized at once: 16 MiB of f32, enough to keep every core busy.
 const CHUNK_VALUES: usize = 4 << 20;
 
@@ -89,18 +92,37 @@ pub fn convert(
         human(bytes)
     );
 
-    // Named for this process: another one (a replica sharing the cache) may be writing the
-    // same file; each renames a complete file into place, and they are identical.
-    let partial = out.with_extension(format!("gguf.{}.partial", std::process::id()));
-    let written = write_gguf(&partial, metadata, &plan, &shards, adapter.as_ref(), check);
-    if written.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    written?;
-    std::fs::rename(&partial, out).map_err(|e| {
+    // A file of its own beside `out` (another process, a replica sharing the cache, may be
+    // writing the same GGUF), deleted if anything fails, renamed into place when complete.
+    let folder = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let leaf = out
+        .file_name()
+        .map_or("model.gguf".into(), |n| n.to_string_lossy());
+    let mut partial = tempfile::Builder::new()
+        .prefix(&format!(".{leaf}."))
+        .suffix(PARTIAL_SUFFIX)
+        .tempfile_in(folder)
+        .map_err(|e| DuetError::ModelLoad(format!("cannot write in {}: {e}", folder.display())))?;
+    let path = partial.path().to_path_buf();
+    write_gguf(
+        partial.as_file_mut(),
+        &path,
+        metadata,
+        &plan,
+        &shards,
+        adapter.as_ref(),
+        check,
+    )?;
+    // A temporary file is private to its owner; the model is an ordinary file.
+    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    let _ = partial.as_file().set_permissions(readable);
+    partial.persist(out).map_err(|e| {
         DuetError::ModelLoad(format!(
             "cannot move {} to {}: {e}",
-            partial.display(),
+            path.display(),
             out.display()
         ))
     })?;
@@ -112,8 +134,9 @@ pub fn convert(
     })
 }
 
-/// Writes the whole GGUF to `path`, synced to disk.
+/// Writes the whole GGUF into `file` (at `path`), synced to disk.
 fn write_gguf(
+    file: &mut File,
     path: &Path,
     metadata: Vec<(String, gguf_writer::MetaValue)>,
     plan: &[Planned],
@@ -122,7 +145,7 @@ fn write_gguf(
     check: HeaderCheck,
 ) -> Result<(), DuetError> {
     let io = |e: std::io::Error| DuetError::ModelLoad(format!("writing {}: {e}", path.display()));
-    let mut file = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
+    let mut file = BufWriter::with_capacity(1 << 20, file);
     let entries: Vec<TensorEntry> = plan.iter().map(|p| p.entry.clone()).collect();
     gguf_writer::write_header(&mut file, &metadata, &entries).map_err(io)?;
     // The vocabulary in it is megabytes: gone before the weights are read.

@@ -62,10 +62,7 @@ impl Adapter {
         let config_path = dir.join("adapter_config.json");
         let bad_config =
             |why: String| DuetError::ModelLoad(format!("{}: {why}", config_path.display()));
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| bad_config(format!("cannot read: {e}")))?;
-        let config: AdapterConfig =
-            serde_json::from_str(&text).map_err(|e| bad_config(e.to_string()))?;
+        let config: AdapterConfig = super::read_json(&config_path)?;
         if let Some(kind) = config.peft_type.as_deref().filter(|k| *k != "LORA") {
             return Err(bad_config(format!(
                 "peft_type {kind} is not a LoRA adapter"

@@ -85,20 +85,19 @@ pub fn build(
     if config.arch() == Architecture::Llama {
         put(&format!("{arch}.vocab_size"), u(vocab_rows));
     }
-    tokenizer(dir, vocab_rows, &mut put)?;
-    sampling(dir, &mut put)?;
+    let generation = optional_json(&dir.join("generation_config.json"))?;
+    tokenizer(dir, vocab_rows, &generation, &mut put)?;
+    sampling(&generation, &mut put);
     Ok(md)
 }
 
-fn read_json(path: &Path) -> Result<Option<Json>, DuetError> {
-    if !path.is_file() {
-        return Ok(None);
+/// An optional JSON file of the checkpoint (`null` when absent).
+fn optional_json(path: &Path) -> Result<Json, DuetError> {
+    if path.is_file() {
+        super::read_json(path)
+    } else {
+        Ok(Json::Null)
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| DuetError::ModelLoad(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| DuetError::ModelLoad(format!("{}: {e}", path.display())))
 }
 
 /// A special token as tokenizer_config.json writes it: a string or `{"content": ...}`.
@@ -113,6 +112,7 @@ fn token_content(v: Option<&Json>) -> Option<&str> {
 fn tokenizer(
     dir: &Path,
     vocab_rows: usize,
+    generation: &Json,
     put: &mut impl FnMut(&str, MetaValue),
 ) -> Result<(), DuetError> {
     let path = dir.join("tokenizer.json");
@@ -127,8 +127,7 @@ fn tokenizer(
         .map_err(|e| DuetError::ModelLoad(format!("{}: {e}", path.display())))?;
     let json: Json = serde_json::from_str(&text)
         .map_err(|e| DuetError::ModelLoad(format!("{}: {e}", path.display())))?;
-    let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
-    let generation = read_json(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
+    let tokenizer_config = optional_json(&dir.join("tokenizer_config.json"))?;
 
     // Every token by id: the model's vocabulary, then the added tokens.
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab_rows];
@@ -228,8 +227,9 @@ fn tokenizer(
             MetaValue::U32(pad as u32),
         );
     }
-    // generation_config.json may end generation on several tokens: the one that is not the
-    // EOS becomes the end-of-turn token.
+    // generation_config.json may end generation on several tokens (Qwen: <|im_end|> and
+    // <|endoftext|>); GGUF has one more slot beside the EOS, `eot_token_id`, which loading
+    // also ends on.
     let ends: Vec<usize> = match generation.get("eos_token_id") {
         Some(Json::Array(ids)) => ids
             .iter()
@@ -239,8 +239,15 @@ fn tokenizer(
         Some(id) => id.as_u64().map(|i| i as usize).into_iter().collect(),
         None => vec![],
     };
-    if let Some(eot) = ends.into_iter().find(|id| Some(*id) != eos) {
-        put("tokenizer.ggml.eot_token_id", MetaValue::U32(eot as u32));
+    let others: Vec<usize> = ends.into_iter().filter(|id| Some(*id) != eos).collect();
+    if let Some(&other) = others.first() {
+        put("tokenizer.ggml.eot_token_id", MetaValue::U32(other as u32));
+    }
+    if others.len() > 1 {
+        tracing::warn!(
+            ignored = ?&others[1..],
+            "generation_config.json ends generation on more tokens than a GGUF can name"
+        );
     }
     let add_bos = tokenizer_config
         .get("add_bos_token")
@@ -286,7 +293,7 @@ fn pre_tokenizer_name(json: &Json) -> &'static str {
         [p] if p == QWEN2_SPLIT => "qwen2",
         [p] if p == LLAMA3_SPLIT => "llama-bpe",
         [d, p] if d == r"\p{N}" && p == GPT2_SPLIT => "smollm",
-        [] | [_] if patterns.first().is_none_or(|p| p == GPT2_SPLIT) => "gpt-2",
+        [p] if p == GPT2_SPLIT => "gpt-2",
         _ => {
             tracing::warn!(
                 ?patterns,
@@ -297,16 +304,23 @@ fn pre_tokenizer_name(json: &Json) -> &'static str {
     }
 }
 
+/// The split patterns of a pre-tokenizer, in order: `Split` steps' own, `\p{N}` for
+/// `Digits` with `individual_digits`, GPT-2's for `ByteLevel` with `use_regex`.
 fn collect_patterns(node: &Json, out: &mut Vec<String>) {
+    use crate::student::load::vocabulary::GPT2_SPLIT;
     match node {
         Json::Object(o) => {
-            if o.get("type").and_then(Json::as_str) == Some("Split")
-                && let Some(p) = o
-                    .get("pattern")
-                    .and_then(|p| p.get("Regex"))
-                    .and_then(Json::as_str)
-            {
-                out.push(p.to_string());
+            let flag = |key| o.get(key).and_then(Json::as_bool) == Some(true);
+            match o.get("type").and_then(Json::as_str) {
+                Some("Split") => out.extend(
+                    o.get("pattern")
+                        .and_then(|p| p.get("Regex"))
+                        .and_then(Json::as_str)
+                        .map(str::to_string),
+                ),
+                Some("Digits") if flag("individual_digits") => out.push(r"\p{N}".into()),
+                Some("ByteLevel") if flag("use_regex") => out.push(GPT2_SPLIT.into()),
+                _ => {}
             }
             o.values().for_each(|v| collect_patterns(v, out));
         }
@@ -315,59 +329,76 @@ fn collect_patterns(node: &Json, out: &mut Vec<String>) {
     }
 }
 
-/// `general.sampling.*` from generation_config.json, when it asks for sampling at all.
-fn sampling(dir: &Path, put: &mut impl FnMut(&str, MetaValue)) -> Result<(), DuetError> {
-    let Some(generation) = read_json(&dir.join("generation_config.json"))? else {
-        return Ok(());
-    };
+/// `general.sampling.*` from generation_config.json, when it asks for sampling at all
+/// (`do_sample`), with transformers' defaults for what it leaves out; a configuration that
+/// does not sample leaves the server's defaults.
+fn sampling(generation: &Json, put: &mut impl FnMut(&str, MetaValue)) {
     if generation.get("do_sample").and_then(Json::as_bool) != Some(true) {
-        return Ok(());
+        return;
     }
-    let float = |key| generation.get(key).and_then(Json::as_f64).map(|v| v as f32);
-    // Sampling without a temperature is transformers' default of 1.0 (Qwen1.5's files).
-    let temperature = float("temperature").unwrap_or(1.0);
-    put("general.sampling.temp", MetaValue::F32(temperature));
-    if let Some(p) = float("top_p") {
-        put("general.sampling.top_p", MetaValue::F32(p));
+    let float = |key, default: f64| {
+        let value = generation
+            .get(key)
+            .and_then(Json::as_f64)
+            .unwrap_or(default);
+        MetaValue::F32(value as f32)
+    };
+    put("general.sampling.temp", float("temperature", 1.0));
+    put("general.sampling.top_p", float("top_p", 1.0));
+    let top_k = generation.get("top_k").and_then(Json::as_u64).unwrap_or(50);
+    put("general.sampling.top_k", MetaValue::U32(top_k as u32));
+    if generation.get("min_p").is_some_and(|v| !v.is_null()) {
+        put("general.sampling.min_p", float("min_p", 0.0));
     }
-    if let Some(k) = generation.get("top_k").and_then(Json::as_u64) {
-        put("general.sampling.top_k", MetaValue::U32(k as u32));
-    }
-    if let Some(p) = float("min_p") {
-        put("general.sampling.min_p", MetaValue::F32(p));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn collected(dir: &Path) -> Vec<(String, MetaValue)> {
+    fn collected(generation: &str) -> Vec<(String, MetaValue)> {
         let mut md = Vec::new();
-        sampling(dir, &mut |k: &str, v| md.push((k.to_string(), v))).unwrap();
+        let json = serde_json::from_str(generation).unwrap();
+        sampling(&json, &mut |k: &str, v| md.push((k.to_string(), v)));
         md
     }
 
     #[test]
     fn sampling_defaults_come_from_generation_config_when_it_samples() {
-        let dir = tempfile::tempdir().unwrap();
-        let write =
-            |json: &str| std::fs::write(dir.path().join("generation_config.json"), json).unwrap();
-        // Qwen1.5-Chat's: sampling, no temperature.
-        write(
-            r#"{"do_sample": true, "eos_token_id": [151645, 151643], "top_p": 0.8, "top_k": 20}"#,
-        );
+        // Qwen1.5-Chat's: sampling, no temperature (transformers' 1.0).
+        let qwen =
+            r#"{"do_sample": true, "eos_token_id": [151645, 151643], "top_p": 0.8, "top_k": 20}"#;
         assert_eq!(
-            collected(dir.path()),
+            collected(qwen),
             vec![
                 ("general.sampling.temp".to_string(), MetaValue::F32(1.0)),
                 ("general.sampling.top_p".to_string(), MetaValue::F32(0.8)),
                 ("general.sampling.top_k".to_string(), MetaValue::U32(20)),
             ]
         );
-        write(r#"{"eos_token_id": 2, "temperature": 0.7}"#);
-        assert!(collected(dir.path()).is_empty(), "greedy unless do_sample");
+        assert!(
+            collected(r#"{"eos_token_id": 2, "temperature": 0.7}"#).is_empty(),
+            "a configuration that does not sample leaves the server's defaults"
+        );
+    }
+
+    #[test]
+    fn llama_cpp_pre_tokenizers_are_named_from_tokenizer_json() {
+        let name = |pre: &str| {
+            pre_tokenizer_name(
+                &serde_json::json!({ "pre_tokenizer": serde_json::from_str::<Json>(pre).unwrap() }),
+            )
+        };
+        // SmolLM2's own tokenizer.json.
+        let smollm = r#"{"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}"#;
+        assert_eq!(name(smollm), "smollm");
+        assert_eq!(name(r#"{"type": "ByteLevel", "use_regex": true}"#), "gpt-2");
+        let qwen = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": crate::student::load::vocabulary::QWEN2_SPLIT}, "behavior": "Isolated"},
+            {"type": "ByteLevel", "use_regex": false}]});
+        assert_eq!(name(&qwen.to_string()), "qwen2");
+        assert_eq!(name(r#"{"type": "Whitespace"}"#), "default");
     }
 
     #[test]

@@ -47,8 +47,10 @@ pub fn is_checkpoint(model: &str) -> bool {
 /// anything is quantized.
 pub fn prepare(config: &StudentConfig, budget: u64) -> Result<PathBuf, DuetError> {
     let dir = source::resolve(&config.model)?;
+    let cache = cache_dir()?;
+    remove_abandoned(&cache);
     let lora = (!config.lora_dir.is_empty()).then(|| PathBuf::from(&config.lora_dir));
-    let cached = cache_dir()?.join(cache_name(
+    let cached = cache.join(cache_name(
         &config.model,
         &dir,
         lora.as_deref(),
@@ -67,6 +69,14 @@ pub fn prepare(config: &StudentConfig, budget: u64) -> Result<PathBuf, DuetError
     Ok(cached)
 }
 
+/// A JSON file of the checkpoint or adapter, as `T`; errors name the file.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DuetError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| DuetError::ModelLoad(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| DuetError::ModelLoad(format!("{}: {e}", path.display())))
+}
+
 /// Where converted checkpoints are kept: `$XDG_CACHE_HOME/duet/checkpoints`, else
 /// `~/.cache/duet/checkpoints`.
 fn cache_dir() -> Result<PathBuf, DuetError> {
@@ -83,6 +93,29 @@ fn cache_dir() -> Result<PathBuf, DuetError> {
     Ok(dir)
 }
 
+/// Deletes conversions a killed process left half written: a file still being written is
+/// modified every moment, so one untouched for ten minutes is nobody's.
+fn remove_abandoned(cache: &Path) {
+    let abandoned = |entry: &std::fs::DirEntry| {
+        entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(convert::PARTIAL_SUFFIX)
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() > 600)
+    };
+    for entry in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        if abandoned(&entry) {
+            tracing::info!(path = %entry.path().display(), "removing an abandoned conversion");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// The cached file's name: readable, and keyed by everything that shapes its contents (the
 /// checkpoint's and adapter's files by name, size and modification time, the type, the
 /// converter), so a changed checkpoint is converted again.
@@ -94,7 +127,8 @@ fn cache_name(
 ) -> Result<String, DuetError> {
     let mut hash = Sha256::new();
     hash.update(CONVERTER_VERSION);
-    hash.update(format!("{quantization:?}"));
+    hash.update(env!("CARGO_PKG_VERSION"));
+    hash.update(quantization.name());
     for folder in std::iter::once(dir).chain(lora) {
         hash.update(
             folder
@@ -125,12 +159,11 @@ fn cache_name(
             }
         })
         .collect();
-    let suffix = match quantization {
-        Quantization::Q4KM => "q4_k_m",
-        Quantization::Q8_0 => "q8_0",
-    };
     let adapter = if lora.is_some() { "-lora" } else { "" };
-    Ok(format!("{readable}{adapter}-{suffix}-{digest}.gguf"))
+    Ok(format!(
+        "{readable}{adapter}-{}-{digest}.gguf",
+        quantization.name()
+    ))
 }
 
 /// Name, size and modification time of each file in `dir`, sorted by name.

@@ -64,10 +64,7 @@ impl ModelConfig {
     /// Reads and checks `dir/config.json`.
     pub fn read(dir: &Path) -> Result<Self, DuetError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| DuetError::ModelLoad(format!("cannot read {}: {e}", path.display())))?;
-        let mut config: Self = serde_json::from_str(&text)
-            .map_err(|e| DuetError::ModelLoad(format!("{}: {e}", path.display())))?;
+        let mut config: Self = super::read_json(&path)?;
         config.architecture = Some(
             config
                 .check()

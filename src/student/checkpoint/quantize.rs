@@ -50,11 +50,9 @@ pub fn tensor_type(quantization: Quantization, role: Role, cols: usize) -> GgmlD
         return wanted;
     }
     match wanted {
-        GgmlDType::Q4K if cols.is_multiple_of(32) => GgmlDType::Q5_0,
-        GgmlDType::Q6K | GgmlDType::Q4K | GgmlDType::Q8_0 if cols.is_multiple_of(32) => {
-            GgmlDType::Q8_0
-        }
-        _ => GgmlDType::F16,
+        _ if !cols.is_multiple_of(32) => GgmlDType::F16,
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        _ => GgmlDType::Q8_0,
     }
 }
 
@@ -96,11 +94,6 @@ pub fn write_quantized(
     }
 }
 
-/// A pointer the pool's threads may share: each writes only its own rows' blocks.
-struct Blocks<T>(*mut T);
-// SAFETY: the threads write disjoint ranges (one per claimed range of rows).
-unsafe impl<T> Sync for Blocks<T> {}
-
 fn blocks<T: GgmlType + Send>(
     values: &[f32],
     cols: usize,
@@ -109,17 +102,12 @@ fn blocks<T: GgmlType + Send>(
     let per_row = cols / T::BLCK_SIZE;
     let rows = values.len() / cols;
     let mut quantized = vec![T::zeros(); rows * per_row];
-    let target = Blocks(quantized.as_mut_ptr());
+    let base = quantized.as_mut_ptr() as usize;
     pool::for_each_range(rows, |range| {
-        let target = &target;
         // SAFETY: `range` is this piece's alone, so the blocks of its rows are written by
         // no one else, and `quantized` outlives the pool's job.
-        let ys = unsafe {
-            std::slice::from_raw_parts_mut(
-                target.0.add(range.start * per_row),
-                range.len() * per_row,
-            )
-        };
+        let ys: &mut [T] =
+            unsafe { pool::item_slice(base, range.start * per_row, range.len() * per_row) };
         T::from_float(&values[range.start * cols..range.end * cols], ys);
     });
     // SAFETY: `quantized` is a live `Vec<T>` of plain-old-data GGUF blocks; its bytes are

@@ -17,10 +17,7 @@ use crate::error::DuetError;
 
 /// The files named by a sharded checkpoint's index, each once, in order.
 pub fn index_files(index: &Path) -> Result<Vec<String>, DuetError> {
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| DuetError::ModelLoad(format!("cannot read {}: {e}", index.display())))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| DuetError::ModelLoad(format!("{}: {e}", index.display())))?;
+    let json: serde_json::Value = super::read_json(index)?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())

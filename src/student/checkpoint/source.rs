@@ -49,8 +49,8 @@ pub fn resolve(model: &str) -> Result<PathBuf, DuetError> {
 }
 
 /// The snapshot directory of `repo` in the hub cache, with every file loading needs.
-fn from_hub(repo: &str, cache: hf_hub::Cache) -> Result<PathBuf, DuetError> {
-    let cache = cache.model(repo.to_string());
+fn from_hub(repo: &str, hub: hf_hub::Cache) -> Result<PathBuf, DuetError> {
+    let cache = hub.model(repo.to_string());
     let mut api = None;
     // A file from the cache, else downloaded (the client is built on first need, so a
     // fully cached checkpoint never touches the network).
@@ -60,17 +60,17 @@ fn from_hub(repo: &str, cache: hf_hub::Cache) -> Result<PathBuf, DuetError> {
         }
         if api.is_none() {
             tracing::info!(%repo, "fetching the checkpoint from the Hugging Face hub");
-            let client = hf_hub::api::sync::ApiBuilder::from_env()
-                .with_progress(true)
-                .build()
-                .map_err(|e| format!("Hugging Face hub client: {e}"))?;
+            let client =
+                crate::student::load::fetch::hub_client(hub.clone()).map_err(|e| e.to_string())?;
             api = Some(client.model(repo.to_string()));
         }
         let repo_api = api.as_ref().expect("built above");
         repo_api.get(file).map_err(|e| format!("{e}"))
     };
     let fail = |file: &str, e: String| {
-        DuetError::ModelLoad(format!("cannot fetch {file} from {repo}: {e}"))
+        DuetError::ModelLoad(format!(
+            "cannot fetch {file} from the Hugging Face repo {repo} (and no directory `{repo}` exists): {e}"
+        ))
     };
     let downloading = ["config.json", "tokenizer.json"]
         .iter()
@@ -86,10 +86,11 @@ fn from_hub(repo: &str, cache: hf_hub::Cache) -> Result<PathBuf, DuetError> {
             Err(_) => vec!["model.safetensors".to_string()],
         }
     };
+    let mut files = vec![config.clone()];
     for shard in &shards {
-        get(shard).map_err(|e| fail(shard, e))?;
+        files.push(get(shard).map_err(|e| fail(shard, e))?);
     }
-    get("tokenizer.json").map_err(|e| fail("tokenizer.json", e))?;
+    files.push(get("tokenizer.json").map_err(|e| fail("tokenizer.json", e))?);
     // Optional (the template may live in either file; generation defaults may be absent):
     // fetched only alongside a download, so a cached checkpoint starts offline.
     for optional in [
@@ -97,14 +98,25 @@ fn from_hub(repo: &str, cache: hf_hub::Cache) -> Result<PathBuf, DuetError> {
         "generation_config.json",
         "chat_template.jinja",
     ] {
-        if cache.get(optional).is_none() && downloading {
-            let _ = get(optional);
+        if let Some(path) = cache.get(optional) {
+            files.push(path);
+        } else if downloading && let Ok(path) = get(optional) {
+            files.push(path);
         }
     }
-    Ok(config
+    // Every file must be in one snapshot: a download that moved `refs/main` to a new
+    // revision would otherwise mix two.
+    let snapshot = config
         .parent()
-        .expect("a cached file lies in its snapshot directory")
-        .to_path_buf())
+        .expect("a cached file lies in its snapshot directory");
+    if let Some(stray) = files.iter().find(|f| f.parent() != Some(snapshot)) {
+        return Err(DuetError::ModelLoad(format!(
+            "the Hugging Face cache of {repo} mixes revisions ({} is not in {}); fetch the repo again",
+            stray.display(),
+            snapshot.display()
+        )));
+    }
+    Ok(snapshot.to_path_buf())
 }
 
 #[cfg(test)]

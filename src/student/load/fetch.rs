@@ -1,5 +1,6 @@
 //! Where the student's weights come from: a local GGUF path, or a Hugging Face
-//! `owner/repo/file.gguf` fetched once into the hub cache with a progress bar.
+//! `owner/repo/file.gguf` fetched once into the user's hub cache with a progress bar; and the
+//! hub cache and client every hub reference goes through.
 
 use std::path::{Path, PathBuf};
 
@@ -28,13 +29,31 @@ pub fn resolve(model: &str) -> Result<PathBuf, DuetError> {
         )));
     };
     tracing::info!(%repo, %file, "fetching the model from the Hugging Face hub");
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_progress(true)
-        .build()
-        .map_err(|e| DuetError::ModelLoad(format!("Hugging Face hub client: {e}")))?;
-    api.model(repo.clone())
+    hub_client(hub_cache())?
+        .model(repo.clone())
         .get(&file)
         .map_err(|e| DuetError::ModelLoad(format!("cannot fetch {file} from {repo}: {e}")))
+}
+
+/// The user's Hugging Face cache, where transformers and huggingface_hub put it:
+/// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn hub_cache() -> hf_hub::Cache {
+    std::env::var_os("HF_HUB_CACHE")
+        .filter(|v| !v.is_empty())
+        .map_or_else(hf_hub::Cache::from_env, |dir| {
+            hf_hub::Cache::new(dir.into())
+        })
+}
+
+/// A hub client that downloads into `cache` (with a progress bar), from `HF_ENDPOINT` when set.
+pub fn hub_client(cache: hf_hub::Cache) -> Result<hf_hub::api::sync::Api, DuetError> {
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder
+        .build()
+        .map_err(|e| DuetError::ModelLoad(format!("Hugging Face hub client: {e}")))
 }
 
 #[cfg(test)]
