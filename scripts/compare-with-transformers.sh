@@ -23,9 +23,11 @@ scripts/fetch-models.sh all
 if [ ! -x "$venv/bin/python" ]; then
   echo "creating $venv (torch and transformers: about 6 GB)"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q torch transformers peft gguf safetensors numpy sentencepiece accelerate protobuf tokenizers
+  # The versions the README's table was measured with.
+  "$venv/bin/pip" install -q torch==2.15.0 transformers==5.24.0 peft==0.21.2 gguf==0.19.0 \
+    safetensors==0.8.0 numpy==2.4.6 sentencepiece==0.2.3 accelerate==1.15.0 tokenizers==0.23.3 protobuf
 fi
-[ -x target/release/duet ] || cargo build --release --quiet
+cargo build --release --quiet
 mkdir -p "$out"
 
 TORCH_THREADS="${TORCH_THREADS:-1}" "$venv/bin/python" scripts/transformers_reference.py --out "$out" all smollm2 qwen

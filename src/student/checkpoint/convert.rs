@@ -217,36 +217,39 @@ fn plan(
         let stored = shards.get(&source).ok_or_else(|| {
             DuetError::ModelLoad(format!("the checkpoint has no tensor {source}"))
         })?;
-        let expected = if shape.is_empty() {
-            // The embedding table: its own row count is the vocabulary.
-            vec![stored.shape.first().copied().unwrap_or(0), hidden]
-        } else {
-            shape
-        };
-        if stored.shape != expected {
+        let file = shards.path_of(stored).display();
+        if stored.shape != shape || shape.contains(&0) {
             return Err(DuetError::ModelLoad(format!(
-                "{}: tensor {source} is {:?}, config.json implies {expected:?}",
-                shards.path_of(stored).display(),
+                "{file}: tensor {source} is {:?}, config.json implies {shape:?}",
                 stored.shape
             )));
         }
-        let cols = *expected.last().expect("shapes are not empty");
+        if stored.value_width().is_none() {
+            return Err(DuetError::ModelLoad(format!(
+                "{file}: tensor {source} is {:?}; duet reads F32, F16 and BF16 checkpoints",
+                stored.dtype
+            )));
+        }
+        let cols = *shape.last().expect("shapes are not empty");
         plan.push(Planned {
             source,
             entry: TensorEntry {
                 dtype: quantize::tensor_type(quantization, role, cols),
                 name,
-                shape: expected,
+                shape,
             },
             permute_heads,
         });
         Ok::<(), DuetError>(())
     };
+    // The vocabulary is the tables' own row count: config.json's vocab_size may round it.
+    let rows_of = |name: &str| shards.get(name).and_then(|t| t.shape.first().copied());
+    let vocab = rows_of("model.embed_tokens.weight").unwrap_or(0);
     let embedding_role = if tied { Role::Head } else { Role::Embedding };
     add(
         "model.embed_tokens.weight".into(),
         "token_embd.weight".into(),
-        vec![],
+        vec![vocab, hidden],
         embedding_role,
         None,
     )?;
@@ -297,11 +300,10 @@ fn plan(
         None,
     )?;
     if !tied {
-        let vocab = shards.get("lm_head.weight").map_or(0, |t| t.shape[0]);
         add(
             "lm_head.weight".into(),
             "output.weight".into(),
-            vec![vocab, hidden],
+            vec![rows_of("lm_head.weight").unwrap_or(0), hidden],
             Role::Head,
             None,
         )?;
@@ -327,7 +329,7 @@ fn write_tensor(
     } else {
         Vec::new()
     };
-    let mut first = 0;
+    let (mut first, mut written) = (0, 0);
     while first < rows {
         let count = chunk_rows.min(rows - first);
         let values = &mut buffer[..count * cols];
@@ -342,10 +344,19 @@ fn write_tensor(
         } else {
             values
         };
-        quantize::write_quantized(tensor.entry.dtype, values, cols, out).map_err(|e| {
-            DuetError::ModelLoad(format!("writing tensor {}: {e}", tensor.entry.name))
-        })?;
+        written +=
+            quantize::write_quantized(tensor.entry.dtype, values, cols, out).map_err(|e| {
+                DuetError::ModelLoad(format!("writing tensor {}: {e}", tensor.entry.name))
+            })?;
         first += count;
+    }
+    // The header promised this many bytes: every later tensor's offset depends on it.
+    if written as u64 != tensor.entry.bytes() {
+        return Err(DuetError::Internal(format!(
+            "tensor {} came to {written} bytes, not the {} its header entry gives",
+            tensor.entry.name,
+            tensor.entry.bytes()
+        )));
     }
     Ok(())
 }

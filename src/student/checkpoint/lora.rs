@@ -25,7 +25,7 @@ const MERGEABLE: [&str; 7] = [
 struct AdapterConfig {
     #[serde(default)]
     peft_type: Option<String>,
-    r: usize,
+    // `r` is not read: each matrix's shape gives its rank (PEFT's rank_pattern varies it).
     lora_alpha: f32,
     #[serde(default)]
     target_modules: Option<serde_json::Value>,
@@ -158,25 +158,10 @@ impl Adapter {
         if pairs.is_empty() {
             return Err(bad_weights("holds no LoRA matrices".into()));
         }
-        if config.r > 0
-            && !pairs.values().any(|p| p.rank == config.r)
-            && config.alpha_pattern.is_empty()
-        {
-            tracing::warn!(
-                r = config.r,
-                "{}: no matrix has the rank adapter_config.json gives; using each matrix's own",
-                weights_path.display()
-            );
-        }
         Ok(Self {
             pairs,
             base_model: config.base_model_name_or_path,
         })
-    }
-
-    /// Whether `weight` (a base checkpoint name) is adapted.
-    pub fn adapts(&self, weight: &str) -> bool {
-        self.pairs.contains_key(weight)
     }
 
     /// Adds the adapter's delta to rows `first..` of `weight` held in `rows` (`cols` wide).
@@ -253,11 +238,15 @@ fn check_targets(targets: Option<&serde_json::Value>) -> Result<(), String> {
     }
 }
 
-/// PEFT's per-module override: a key matches a module whose dotted name ends with it.
+/// PEFT's per-module override (`alpha_pattern`): a key matches a module whose dotted name
+/// ends with it (PEFT reads keys as regular expressions; the names it writes are plain), the
+/// longest key winning so the answer never depends on the map's order. Ranks need no such
+/// table: each matrix's own shape gives its `r`.
 fn pattern_value(patterns: &HashMap<String, f32>, module: &str) -> Option<f32> {
     patterns
         .iter()
-        .find(|(key, _)| module == key.as_str() || module.ends_with(&format!(".{key}")))
+        .filter(|(key, _)| module == key.as_str() || module.ends_with(&format!(".{key}")))
+        .max_by_key(|(key, _)| key.len())
         .map(|(_, v)| *v)
 }
 

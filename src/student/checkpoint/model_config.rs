@@ -141,8 +141,18 @@ impl ModelConfig {
                 "use_sliding_window is not supported: duet attends over the whole context".into(),
             );
         }
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("vocab_size", self.vocab_size),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, size)| *size == 0) {
+            return Err(format!("{name} is 0"));
+        }
         let (heads, kv) = (self.num_attention_heads, self.kv_heads());
-        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) || !self.head_dim().is_multiple_of(2)
+        let head_dim = self.head_dim();
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) || head_dim == 0 || head_dim % 2 == 1
         {
             return Err(format!(
                 "impossible attention shape: {heads} heads over {kv} key/value heads of {} values",

@@ -42,6 +42,15 @@ pub struct StoredTensor {
 }
 
 impl StoredTensor {
+    /// Bytes per value, for the types duet reads (F32, F16, BF16).
+    pub fn value_width(&self) -> Option<usize> {
+        match self.dtype {
+            Dtype::F32 => Some(4),
+            Dtype::F16 | Dtype::BF16 => Some(2),
+            _ => None,
+        }
+    }
+
     /// `(rows, cols)` of a matrix, `(1, n)` of a vector.
     pub fn rows_cols(&self) -> (usize, usize) {
         match self.shape.as_slice() {
@@ -136,16 +145,13 @@ impl Shards {
         out: &mut [f32],
     ) -> Result<(), DuetError> {
         let (_, cols) = tensor.rows_cols();
-        let width = match tensor.dtype {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::BF16 => 2,
-            other => {
-                return Err(DuetError::ModelLoad(format!(
-                    "{}: tensor {name} is {other:?}; duet reads F32, F16 and BF16 checkpoints",
-                    self.path_of(tensor).display()
-                )));
-            }
-        };
+        let width = tensor.value_width().ok_or_else(|| {
+            DuetError::ModelLoad(format!(
+                "{}: tensor {name} is {:?}; duet reads F32, F16 and BF16 checkpoints",
+                self.path_of(tensor).display(),
+                tensor.dtype
+            ))
+        })?;
         let mut raw = vec![0u8; out.len() * width];
         let offset = tensor.start + (first * cols * width) as u64;
         self.files[tensor.file]

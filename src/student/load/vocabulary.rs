@@ -1,7 +1,7 @@
-//! The tokenizer for a GGUF model: a `tokenizer.json` beside the file when present, else the
-//! one the GGUF carries whole (`tokenizer.huggingface.json`, written by duet's checkpoint
-//! conversion), else a byte-level BPE built from the GGUF's own `tokenizer.ggml.*` metadata
-//! with the pre-tokenizer llama.cpp uses for its `tokenizer.ggml.pre`.
+//! The tokenizer for a GGUF model: the `tokenizer.json` the GGUF carries whole
+//! (`tokenizer.huggingface.json`, written by duet's checkpoint conversion), else a
+//! `tokenizer.json` beside the file, else a byte-level BPE built from the GGUF's own
+//! `tokenizer.ggml.*` metadata with the pre-tokenizer llama.cpp uses for its `tokenizer.ggml.pre`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,8 +30,8 @@ pub const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
-/// Builds the tokenizer for the model at `model_path`: `tokenizer.json` beside it when
-/// present, the GGUF metadata otherwise.
+/// Builds the tokenizer for the model at `model_path`: the tokenizer.json it carries, else
+/// one beside it, else the GGUF's vocabulary metadata.
 pub fn load_tokenizer(
     model_path: &Path,
     header: &GgufHeader,
@@ -39,14 +39,16 @@ pub fn load_tokenizer(
     let md = header.metadata();
     let beside = model_path.with_file_name("tokenizer.json");
     let carried = gguf::string(md, "tokenizer.huggingface.json").ok();
-    let (inner, from_json) = if beside.is_file() {
-        let t = Tokenizer::from_file(&beside)
-            .map_err(|e| DuetError::ModelLoad(format!("cannot read {}: {e}", beside.display())))?;
-        (t, true)
-    } else if let Some(json) = carried {
+    // The model's own tokenizer.json, carried inside, is the surest; one beside the file
+    // may belong to another model sharing the folder.
+    let (inner, from_json) = if let Some(json) = carried {
         let t = json.parse::<Tokenizer>().map_err(|e| {
             DuetError::ModelLoad(format!("the GGUF's tokenizer.huggingface.json: {e}"))
         })?;
+        (t, true)
+    } else if beside.is_file() {
+        let t = Tokenizer::from_file(&beside)
+            .map_err(|e| DuetError::ModelLoad(format!("cannot read {}: {e}", beside.display())))?;
         (t, true)
     } else {
         (from_gguf_metadata(md)?, false)
