@@ -71,3 +71,23 @@ echo
 echo "| model | type | agree |"
 echo "|---|---|---|"
 printf '%s' "$rows"
+
+# llama.cpp loads the files duet wrote (scripts/bench-vs-llamacpp.py builds llama-cpp-python
+# into ~/.cache/duet-bench/venv; without it this part is skipped).
+llama_python="$HOME/.cache/duet-bench/venv/bin/python"
+if [ -x "$llama_python" ] && "$llama_python" -c 'import llama_cpp' 2>/dev/null; then
+  echo
+  echo "llama.cpp (llama-cpp-python) on the same files: greedy answer, and the ids of 'Hello, world!'"
+  "$llama_python" - "$out"/*.gguf <<'PY'
+import sys
+from llama_cpp import Llama
+for path in sys.argv[1:]:
+    llm = Llama(model_path=path, n_ctx=512, verbose=False)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=8)
+    ids = llm.tokenize(b"Hello, world!", add_bos=False)
+    print(f"{path.rsplit('/', 1)[-1]}: {answer['choices'][0]['message']['content']!r}, {ids}")
+PY
+else
+  echo "(llama.cpp check skipped: run scripts/bench-vs-llamacpp.py once to build llama-cpp-python)"
+fi
