@@ -14,6 +14,7 @@ use candle_core::quantized::GgmlDType;
 use common::checkpoint::{Weight, make_checkpoint, make_lora, write_merged};
 use common::{Process, QWEN, SMOLLM2, model_path, start_duet};
 use duet::student::load::gguf::GgufHeader;
+use safetensors::Dtype;
 
 /// Short chat prompts whose greedy answers are compared.
 const PROMPTS: [&str; 6] = [
@@ -43,7 +44,8 @@ fn smollm2_checkpoint() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let root = tempfile::tempdir().unwrap();
         let checkpoint = root.path().join("SmolLM2-135M-Instruct");
-        let weights: HashMap<String, Weight> = make_checkpoint(&model_path(SMOLLM2), &checkpoint);
+        let weights: HashMap<String, Weight> =
+            make_checkpoint(&model_path(SMOLLM2), &checkpoint, Dtype::F16);
         let lora = root.path().join("adapter");
         let deltas = make_lora(
             &lora,
@@ -375,10 +377,11 @@ fn a_checkpoint_over_the_memory_budget_is_refused_before_quantizing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qwen2_checkpoint_answers_like_its_gguf() {
-    // Qwen2: query/key/value biases, an output head of its own, no row reordering.
+    // Qwen2: query/key/value biases, an output head of its own, no row reordering; bf16,
+    // as Qwen publishes its weights.
     let root = tempfile::tempdir().unwrap();
     let checkpoint = root.path().join("Qwen2.5-Coder-0.5B-Instruct");
-    let weights = make_checkpoint(&model_path(QWEN), &checkpoint);
+    let weights = make_checkpoint(&model_path(QWEN), &checkpoint, Dtype::BF16);
     assert!(weights.contains_key("model.layers.0.self_attn.q_proj.bias"));
     drop(weights);
     let (_source_guard, source) =

@@ -105,23 +105,25 @@ struct Raw {
 }
 
 impl Raw {
-    fn f16(w: &Weight) -> Self {
-        Self {
-            dtype: Dtype::F16,
-            shape: w.shape.clone(),
-            bytes: w
+    fn new(w: &Weight, dtype: Dtype) -> Self {
+        let bytes = match dtype {
+            Dtype::F32 => w.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Dtype::F16 => w
                 .values
                 .iter()
                 .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
                 .collect(),
-        }
-    }
-
-    fn f32(w: &Weight) -> Self {
+            Dtype::BF16 => w
+                .values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            other => panic!("{other:?}"),
+        };
         Self {
-            dtype: Dtype::F32,
+            dtype,
             shape: w.shape.clone(),
-            bytes: w.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            bytes,
         }
     }
 }
@@ -141,9 +143,14 @@ impl View for &Raw {
     }
 }
 
-/// Writes `weights` as safetensors in two shards with their index: f16, except those named in
-/// `full_precision`, kept f32.
-pub fn write_weights(dir: &Path, weights: &HashMap<String, Weight>, full_precision: &[String]) {
+/// Writes `weights` as safetensors in two shards with their index, as `dtype` except those
+/// named in `full_precision`, kept f32.
+pub fn write_weights(
+    dir: &Path,
+    weights: &HashMap<String, Weight>,
+    dtype: Dtype,
+    full_precision: &[String],
+) {
     let mut names: Vec<&String> = weights.keys().collect();
     names.sort();
     let half = names.len() / 2;
@@ -155,12 +162,12 @@ pub fn write_weights(dir: &Path, weights: &HashMap<String, Weight>, full_precisi
             .iter()
             .map(|n| {
                 let w = &weights[*n];
-                let raw = if full_precision.contains(n) {
-                    Raw::f32(w)
+                let stored = if full_precision.contains(n) {
+                    Dtype::F32
                 } else {
-                    Raw::f16(w)
+                    dtype
                 };
-                ((*n).clone(), raw)
+                ((*n).clone(), Raw::new(w, stored))
             })
             .collect();
         safetensors::serialize_to_file(
@@ -177,11 +184,12 @@ pub fn write_weights(dir: &Path, weights: &HashMap<String, Weight>, full_precisi
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
 
-/// A transformers checkpoint in `dir` made from the GGUF at `gguf`.
-pub fn make_checkpoint(gguf: &Path, dir: &Path) -> HashMap<String, Weight> {
+/// A transformers checkpoint in `dir` made from the GGUF at `gguf`, its weights stored as
+/// `dtype` (F16 or BF16, as models are published).
+pub fn make_checkpoint(gguf: &Path, dir: &Path, dtype: Dtype) -> HashMap<String, Weight> {
     let (content, weights) = weights_of(gguf);
     std::fs::create_dir_all(dir).unwrap();
-    write_weights(dir, &weights, &[]);
+    write_weights(dir, &weights, dtype, &[]);
     write_model_files(&content, dir, !weights.contains_key("lm_head.weight"));
     weights
 }
@@ -285,7 +293,7 @@ pub fn make_lora(
     }
     let f32_tensors: Vec<(String, Raw)> = tensors
         .iter()
-        .map(|(n, w)| (n.clone(), Raw::f32(w)))
+        .map(|(n, w)| (n.clone(), Raw::new(w, Dtype::F32)))
         .collect();
     safetensors::serialize_to_file(
         f32_tensors.iter().map(|(n, t)| (n.clone(), t)),
@@ -338,7 +346,7 @@ pub fn write_merged(
         );
     }
     let adapted: Vec<String> = deltas.keys().cloned().collect();
-    write_weights(dir, &merged, &adapted);
+    write_weights(dir, &merged, Dtype::F16, &adapted);
     for file in [
         "config.json",
         "tokenizer.json",
