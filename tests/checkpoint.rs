@@ -387,12 +387,15 @@ async fn a_qwen2_checkpoint_answers_like_its_gguf() {
     let (_source_guard, source) =
         start_duet(&["--model", &model_path(QWEN).display().to_string()], &[]);
     let want = answers(&source).await;
-    let (_guard, base) = serve(
-        &checkpoint,
-        &root.path().join("cache"),
-        &[("STUDENT_LOAD_IN_4BIT", "0")],
-    );
+    let cache = root.path().join("cache");
+    let (_guard, base) = serve(&checkpoint, &cache, &[("STUDENT_LOAD_IN_4BIT", "0")]);
     let got = answers(&base).await;
     let same = agreeing("qwen q8_0", &want, &got);
     assert!(same >= 4, "only {same} of {} answers agree", PROMPTS.len());
+    // The Python app's default profile: 4 bits.
+    let (_guard, base) = serve(&checkpoint, &cache, &[("STUDENT_LOAD_IN_4BIT", "1")]);
+    let got = answers(&base).await;
+    let same = agreeing("qwen q4_k_m", &want, &got);
+    assert!(same >= 3, "only {same} of {} answers agree", PROMPTS.len());
+    assert!(got[0].contains("Paris"), "{}", got[0]);
 }
