@@ -247,6 +247,52 @@ async fn a_lora_adapter_changes_answers_as_the_merged_weights_predict() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_repo_id_is_downloaded_once_then_read_from_the_cache() {
+    let f = smollm2_checkpoint();
+    let hub = common::hub::FakeHub::serve(&f.checkpoint);
+    let home = tempfile::tempdir().unwrap();
+    let hf_home = home.path().display().to_string();
+    let endpoint = hub.url.clone();
+    let cache = home.path().join("duet-cache");
+    let env = [
+        ("HF_HOME", hf_home.as_str()),
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("STUDENT_LOAD_IN_4BIT", "0"),
+    ];
+    let repo = Path::new("HuggingFaceTB/SmolLM2-135M-Instruct");
+    let (first, base) = serve(repo, &cache, &env);
+    let downloaded = answers(&base).await;
+    assert!(hub.requests() > 0, "the files came from the hub");
+    let snapshot = home
+        .path()
+        .join("hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots")
+        .join(common::hub::COMMIT);
+    for file in [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ] {
+        assert!(
+            snapshot.join(file).is_file(),
+            "{file} is in the Hugging Face cache"
+        );
+    }
+    drop(first);
+
+    // The hub is gone: the next start reads the cache (and duet's converted file).
+    drop(hub);
+    let (_again, base) = serve(repo, &cache, &env);
+    assert_eq!(answers(&base).await, downloaded);
+    let models: serde_json::Value = reqwest::get(format!("{base}/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct");
+}
+
 #[test]
 fn duet_quantize_writes_q4_k_m_in_bounded_memory() {
     let f = smollm2_checkpoint();

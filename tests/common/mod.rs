@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod checkpoint;
+pub mod hub;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
