@@ -39,13 +39,7 @@ pub fn resolve(model: &str) -> Result<PathBuf, DuetError> {
             "`{model}` is neither a checkpoint directory nor an owner/repo id"
         ))
     })?;
-    // transformers' own override of the cache directory, which hf-hub does not read.
-    let cache = std::env::var_os("HF_HUB_CACHE")
-        .filter(|v| !v.is_empty())
-        .map_or_else(hf_hub::Cache::from_env, |dir| {
-            hf_hub::Cache::new(dir.into())
-        });
-    from_hub(repo, cache)
+    from_hub(repo, crate::student::load::fetch::hub_cache())
 }
 
 /// The snapshot directory of `repo` in the hub cache, with every file loading needs.
