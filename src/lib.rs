@@ -52,7 +52,7 @@ pub fn start_with(
     student: Option<Arc<dyn ChatBackend>>,
 ) -> std::io::Result<Running> {
     memory::configure_allocator();
-    let budget = config.memory.max_bytes.resolve(memory::available_bytes());
+    let budget = config.memory.budget();
     let admission = Admission::new(budget);
     let client_keys =
         Arc::new(http::auth::ClientKeys::load(&config.server).map_err(std::io::Error::other)?);

@@ -113,10 +113,7 @@ fn main() -> std::process::ExitCode {
         && duet::student::checkpoint::is_checkpoint(&config.student.model)
     {
         duet::memory::configure_allocator();
-        let budget = config
-            .memory
-            .max_bytes
-            .resolve(duet::memory::available_bytes());
+        let budget = config.memory.budget();
         if let Err(e) = duet::student::checkpoint::prepare(&config.student, budget) {
             eprintln!("duet: {e}");
             return std::process::ExitCode::FAILURE;

@@ -77,15 +77,20 @@ fn serve(model: &Path, cache: &Path, env: &[(&str, &str)]) -> (Process, String) 
     start_duet(&[], &all)
 }
 
-/// The greedy first tokens of each prompt's answer.
-async fn answers(base: &str) -> Vec<String> {
+/// The model id the server at `base` lists.
+async fn served_model(base: &str) -> String {
     let models: serde_json::Value = reqwest::get(format!("{base}/v1/models"))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    let model = models["data"][0]["id"].as_str().unwrap().to_string();
+    models["data"][0]["id"].as_str().unwrap().to_string()
+}
+
+/// The greedy first tokens of each prompt's answer.
+async fn answers(base: &str) -> Vec<String> {
+    let model = served_model(base).await;
     let mut out = Vec::new();
     for prompt in PROMPTS {
         let body = serde_json::json!({
@@ -284,13 +289,7 @@ async fn a_hub_repo_id_is_downloaded_once_then_read_from_the_cache() {
     drop(hub);
     let (_again, base) = serve(repo, &cache, &env);
     assert_eq!(answers(&base).await, downloaded);
-    let models: serde_json::Value = reqwest::get(format!("{base}/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct");
+    assert_eq!(served_model(&base).await, "SmolLM2-135M-Instruct");
 }
 
 #[test]

@@ -46,6 +46,13 @@ pub struct MemoryConfig {
     pub keep_alive: KeepAlive,
 }
 
+impl MemoryConfig {
+    /// The budget in bytes, given the memory available to duet now.
+    pub fn budget(&self) -> u64 {
+        self.max_bytes.resolve(crate::memory::available_bytes())
+    }
+}
+
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self {

@@ -186,13 +186,7 @@ impl Adapter {
         let Some(trained_on) = self.base_model.as_deref().filter(|b| !b.is_empty()) else {
             return;
         };
-        let last = |s: &str| {
-            s.trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or(s)
-                .to_ascii_lowercase()
-        };
+        let last = |s: &str| super::last_component(s).to_ascii_lowercase();
         if !base
             .iter()
             .any(|b| !b.is_empty() && last(b) == last(trained_on))

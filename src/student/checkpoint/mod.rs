@@ -69,6 +69,13 @@ pub fn prepare(config: &StudentConfig, budget: u64) -> Result<PathBuf, DuetError
     Ok(cached)
 }
 
+/// The last part of a path or repo id, a trailing slash allowed: `Qwen1.5-1.8B-Chat` of
+/// `Qwen/Qwen1.5-1.8B-Chat` and of `/models/Qwen1.5-1.8B-Chat/`.
+fn last_component(name: &str) -> &str {
+    let name = name.trim_end_matches('/');
+    name.rsplit('/').next().unwrap_or(name)
+}
+
 /// A JSON file of the checkpoint or adapter, as `T`; errors name the file.
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DuetError> {
     let text = std::fs::read_to_string(path)
@@ -145,11 +152,7 @@ fn cache_name(
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let readable: String = model
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or("model")
+    let readable: String = last_component(model)
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-".contains(c) {
